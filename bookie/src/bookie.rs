@@ -1,0 +1,777 @@
+//! The bookie core: ties the journal, ledger storage and ledger table together and implements the
+//! operations the gRPC service exposes.
+//!
+//! Write path (add): check the request, wait for room in the journal queue and the write cache
+//! (back-pressure), then under the ledger's lock check the master key and the fenced flag, put the
+//! entry in the write cache and queue its journal record; the caller is told once the record is
+//! durable. Doing the check, the cache insert and the queueing under one lock is what makes
+//! fencing safe: a fence queued after an add is journaled after it, and an add that sees no fence
+//! is visible to every read that follows the fence.
+//!
+//! Start-up: check cookies, load each directory's checkpoint (ledgers, journal mark), replay the
+//! journal from the mark into memory, start a new journal file and checkpoint. Background threads
+//! checkpoint (every `flush_interval_ms`, or when a write cache fills), collect garbage and watch
+//! disk usage.
+
+use crate::config::BookieConfig;
+use crate::error::{BookieError, Result};
+use crate::journal::{self, Journal, JournalError, LogMark, Record};
+use crate::ledger::{LedgerState, Ledgers};
+use crate::metrics::Metrics;
+use crate::storage::LedgerStorage;
+use crate::storage::index::ENTRY_ID_MAX;
+use crate::storage::meta;
+use crate::{cookie, durable};
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex};
+use quire_proto::entry;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// One entry to add, as received.
+#[derive(Debug, Clone)]
+pub struct AddRequest {
+    pub ledger_id: u64,
+    pub entry_id: u64,
+    pub master_key: Bytes,
+    pub recovery: bool,
+    pub body: Bytes,
+}
+
+/// Told the outcome of an add, once durable (or failed).
+pub type AddDone = Box<dyn FnOnce(Result<()>) + Send>;
+
+pub struct ReadResult {
+    pub entry_id: u64,
+    pub body: Bytes,
+    pub lac: i64,
+    pub fenced: bool,
+}
+
+pub struct LacResult {
+    pub lac: i64,
+    pub last_entry_body: Option<Bytes>,
+    pub explicit_lac_body: Option<Bytes>,
+    pub timed_out: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BookieInfo {
+    pub bookie_id: String,
+    pub read_only: bool,
+    pub forced_read_only: bool,
+    pub disk_full: bool,
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+    pub ledgers: usize,
+    pub journal_io: &'static str,
+    pub journal_failed: bool,
+}
+
+pub struct Bookie {
+    cfg: BookieConfig,
+    id: String,
+    journal: Journal,
+    storage: LedgerStorage,
+    ledgers: Ledgers,
+    metrics: Arc<Metrics>,
+    disk_full: AtomicBool,
+    forced_read_only: AtomicBool,
+    shutting_down: AtomicBool,
+    checkpoint_lock: Mutex<()>,
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+fn journal_error(e: JournalError) -> BookieError {
+    match e {
+        JournalError::Io(e) => BookieError::Io(std::io::Error::new(e.kind(), e.to_string())),
+        JournalError::Closed => BookieError::ShuttingDown,
+        e => BookieError::Io(std::io::Error::other(e.to_string())),
+    }
+}
+
+/// Applies one replayed journal record to memory (the same effects as the live path).
+fn apply(ledgers: &Ledgers, storage: &LedgerStorage, rec: Record) -> Result<()> {
+    match rec {
+        Record::Add {
+            ledger_id,
+            entry_id,
+            master_key,
+            body,
+        } => {
+            let st = ledgers.get_or_create(ledger_id, &master_key);
+            if let Ok(h) = entry::peek_header(&body) {
+                st.advance_lac(h.lac);
+            }
+            let mut g = st.inner.lock();
+            g.last_entry = g.last_entry.max(entry_id as i64);
+            storage.insert(ledger_id, entry_id, body);
+        }
+        Record::Fence {
+            ledger_id,
+            master_key,
+        } => {
+            ledgers
+                .get_or_create(ledger_id, &master_key)
+                .inner
+                .lock()
+                .fenced = true;
+        }
+        Record::ExplicitLac {
+            ledger_id,
+            lac,
+            master_key,
+            body,
+        } => {
+            let st = ledgers.get_or_create(ledger_id, &master_key);
+            st.inner.lock().explicit_lac = Some((lac, body));
+            st.advance_lac(lac);
+        }
+        Record::Delete { ledger_id } => {
+            ledgers.remove(ledger_id);
+            storage.delete_ledger(ledger_id)?;
+        }
+    }
+    Ok(())
+}
+
+impl Bookie {
+    /// Opens (or creates) a bookie on its directories and starts its background threads.
+    pub fn open(cfg: BookieConfig) -> Result<Arc<Bookie>> {
+        cfg.validate()
+            .map_err(|e| BookieError::BadRequest(e.to_string()))?;
+        durable::create_dir(&cfg.journal.dir)?;
+        for d in &cfg.storage.ledger_dirs {
+            durable::create_dir(d)?;
+        }
+        let id = cfg.bookie_id();
+        cookie::check_or_create(&id, &cfg.journal.dir, &cfg.storage.ledger_dirs)
+            .map_err(|e| BookieError::BadRequest(e.to_string()))?;
+
+        let started = Instant::now();
+        let metrics = Arc::new(Metrics::new());
+        let storage = LedgerStorage::open(&cfg.storage, metrics.clone())?;
+        let ledgers = Ledgers::default();
+        let mut mark: Option<LogMark> = None;
+        for d in storage.dirs() {
+            let m = meta::read_mark(&d.dir)?.unwrap_or(LogMark::START);
+            mark = Some(mark.map_or(m, |cur| cur.min(m)));
+            for lm in meta::read_ledgers(&d.dir)? {
+                let last = storage.last_entry(lm.ledger_id)?.map_or(-1, |e| e as i64);
+                ledgers.load(lm, last);
+            }
+        }
+        let mark = mark.unwrap_or(LogMark::START);
+        let mut replayed = 0u64;
+        let last_file = journal::replay(&cfg.journal.dir, mark, |rec, _| {
+            replayed += 1;
+            apply(&ledgers, &storage, rec)?;
+            if storage.needs_flush() {
+                storage.flush_all(&|l| ledgers.contains(l))?;
+            }
+            Ok(())
+        })?;
+        let next_file = last_file.max(mark.file_id) + 1;
+        let journal =
+            Journal::start(&cfg.journal, next_file, metrics.clone()).map_err(journal_error)?;
+        let bookie = Arc::new(Bookie {
+            id,
+            journal,
+            storage,
+            ledgers,
+            metrics,
+            disk_full: AtomicBool::new(false),
+            forced_read_only: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            checkpoint_lock: Mutex::new(()),
+            stop: Arc::new((Mutex::new(false), Condvar::new())),
+            threads: Mutex::new(Vec::new()),
+            cfg,
+        });
+        bookie.checkpoint_at(LogMark {
+            file_id: next_file,
+            offset: journal::HEADER_LEN,
+        })?;
+        bookie
+            .storage
+            .remove_orphan_indexes(&|l| bookie.ledgers.contains(l))?;
+        bookie.check_disks();
+        bookie.spawn_background();
+        tracing::info!(
+            bookie_id = %bookie.id,
+            ledgers = bookie.ledgers.len(),
+            replayed,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "bookie opened"
+        );
+        Ok(bookie)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn config(&self) -> &BookieConfig {
+        &self.cfg
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn storage(&self) -> &LedgerStorage {
+        &self.storage
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.disk_full.load(Ordering::Acquire) || self.forced_read_only.load(Ordering::Acquire)
+    }
+
+    pub fn set_forced_read_only(&self, on: bool) {
+        self.forced_read_only.store(on, Ordering::Release);
+        tracing::info!(forced = on, "read-only mode forced by admin");
+        self.metrics.read_only.set(self.is_read_only() as i64);
+    }
+
+    /// Healthy: serving, and the journal has not failed.
+    pub fn is_healthy(&self) -> bool {
+        !self.journal.has_failed() && !self.shutting_down.load(Ordering::Acquire)
+    }
+
+    fn check_key(st: &LedgerState, key: &Bytes) -> Result<()> {
+        if st.inner.lock().master_key != *key {
+            return Err(BookieError::Unauthorized(st.id));
+        }
+        Ok(())
+    }
+
+    fn check_master_key_len(key: &Bytes) -> Result<()> {
+        if key.len() > journal::record::MASTER_KEY_MAX {
+            return Err(BookieError::BadRequest(format!(
+                "master key of {} bytes exceeds {}",
+                key.len(),
+                journal::record::MASTER_KEY_MAX
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_serving(&self) -> Result<()> {
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(BookieError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// Adds an entry; `done` is called exactly once, after the entry is durable or with the
+    /// reason it was not added.
+    pub async fn add(&self, req: AddRequest, done: AddDone) {
+        let started = Instant::now();
+        let metrics = self.metrics.clone();
+        let done: AddDone = Box::new(move |r: Result<()>| {
+            if r.is_ok() {
+                metrics.adds.inc();
+                metrics.add_seconds.observe(started.elapsed().as_secs_f64());
+            } else {
+                metrics.add_errors.inc();
+            }
+            done(r)
+        });
+        match self.prepare_add(req).await {
+            Ok(p) => self.submit_add(p, done),
+            Err(e) => done(Err(e)),
+        }
+    }
+
+    /// Checks an add and waits for room for it; takes no lock.
+    async fn prepare_add(&self, req: AddRequest) -> Result<PreparedAdd> {
+        self.check_serving()?;
+        if self.is_read_only() {
+            return Err(BookieError::ReadOnly);
+        }
+        if req.body.len() > self.cfg.entry_size_max_bytes {
+            return Err(BookieError::TooLarge {
+                size: req.body.len(),
+                max: self.cfg.entry_size_max_bytes,
+            });
+        }
+        Self::check_master_key_len(&req.master_key)?;
+        if req.entry_id > ENTRY_ID_MAX {
+            return Err(BookieError::BadRequest(format!(
+                "entry id {} exceeds {ENTRY_ID_MAX}",
+                req.entry_id
+            )));
+        }
+        let header =
+            entry::peek_header(&req.body).map_err(|e| BookieError::BadRequest(e.to_string()))?;
+        if header.ledger_id != req.ledger_id || header.entry_id != req.entry_id {
+            return Err(BookieError::BadRequest(format!(
+                "entry body is for {}/{}, request for {}/{}",
+                header.ledger_id, header.entry_id, req.ledger_id, req.entry_id
+            )));
+        }
+        let ledger = self.ledgers.get_or_create(req.ledger_id, &req.master_key);
+        let record = Record::Add {
+            ledger_id: req.ledger_id,
+            entry_id: req.entry_id,
+            master_key: req.master_key,
+            body: req.body,
+        };
+        let reservation = self
+            .journal
+            .reserve(record.frame_len())
+            .await
+            .map_err(journal_error)?;
+        self.storage.wait_for_room(req.ledger_id).await?;
+        Ok(PreparedAdd {
+            ledger,
+            reservation,
+            record,
+            lac: header.lac,
+            recovery: req.recovery,
+        })
+    }
+
+    /// Under the ledger's lock: key and fence checks, cache insert, journal queueing.
+    fn submit_add(&self, p: PreparedAdd, done: AddDone) {
+        let Record::Add {
+            ledger_id,
+            entry_id,
+            master_key,
+            body,
+        } = &p.record
+        else {
+            unreachable!("prepare_add builds an add record")
+        };
+        let st = p.ledger;
+        let mut g = st.inner.lock();
+        if g.master_key != *master_key {
+            drop(g);
+            return done(Err(BookieError::Unauthorized(*ledger_id)));
+        }
+        if g.fenced && !p.recovery {
+            drop(g);
+            return done(Err(BookieError::Fenced(*ledger_id)));
+        }
+        self.storage.insert(*ledger_id, *entry_id, body.clone());
+        g.last_entry = g.last_entry.max(*entry_id as i64);
+        let lac = p.lac;
+        let st2 = st.clone();
+        self.journal.submit(
+            p.reservation,
+            std::slice::from_ref(&p.record),
+            Box::new(move |r| match r {
+                Ok(()) => {
+                    st2.advance_lac(lac);
+                    done(Ok(()))
+                }
+                Err(e) => done(Err(journal_error(e))),
+            }),
+        );
+        drop(g);
+    }
+
+    /// Applies a change to a ledger under its lock and journals it; returns once durable.
+    async fn journaled(
+        &self,
+        st: &Arc<LedgerState>,
+        record: Record,
+        apply: impl FnOnce(&mut crate::ledger::LedgerInner),
+    ) -> Result<()> {
+        let reservation = self
+            .journal
+            .reserve(record.frame_len())
+            .await
+            .map_err(journal_error)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut g = st.inner.lock();
+            apply(&mut g);
+            self.journal.submit(
+                reservation,
+                std::slice::from_ref(&record),
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            );
+        }
+        rx.await
+            .map_err(|_| BookieError::ShuttingDown)?
+            .map_err(journal_error)
+    }
+
+    /// Fences a ledger (creating it, keyed, when unknown, so a stale writer can never start it
+    /// here later). Returns (LAC, last entry id or -1) once the fence is durable.
+    pub async fn fence(&self, ledger_id: u64, master_key: Bytes) -> Result<(i64, i64)> {
+        self.check_serving()?;
+        Self::check_master_key_len(&master_key)?;
+        let st = self.ledgers.get_or_create(ledger_id, &master_key);
+        Self::check_key(&st, &master_key)?;
+        let rec = Record::Fence {
+            ledger_id,
+            master_key,
+        };
+        self.journaled(&st, rec, |g| g.fenced = true).await?;
+        let last = st.inner.lock().last_entry;
+        Ok((st.lac(), last))
+    }
+
+    /// Stores an explicit LAC sent by the writer.
+    pub async fn write_lac(
+        &self,
+        ledger_id: u64,
+        master_key: Bytes,
+        lac: i64,
+        body: Bytes,
+    ) -> Result<()> {
+        self.check_serving()?;
+        Self::check_master_key_len(&master_key)?;
+        if body.len() > self.cfg.entry_size_max_bytes {
+            return Err(BookieError::TooLarge {
+                size: body.len(),
+                max: self.cfg.entry_size_max_bytes,
+            });
+        }
+        let st = self.ledgers.get_or_create(ledger_id, &master_key);
+        Self::check_key(&st, &master_key)?;
+        let rec = Record::ExplicitLac {
+            ledger_id,
+            lac,
+            master_key,
+            body: body.clone(),
+        };
+        self.journaled(&st, rec, |g| {
+            if g.explicit_lac.as_ref().is_none_or(|(cur, _)| lac >= *cur) {
+                g.explicit_lac = Some((lac, body));
+            }
+        })
+        .await?;
+        st.advance_lac(lac);
+        Ok(())
+    }
+
+    /// Reads an entry (`entry_id` -1: the last one held). With `fence`, fences first.
+    pub async fn read(
+        self: &Arc<Self>,
+        ledger_id: u64,
+        entry_id: i64,
+        fence: Option<Bytes>,
+    ) -> Result<ReadResult> {
+        let r = self.read_inner(ledger_id, entry_id, fence).await;
+        match &r {
+            Ok(_) => self.metrics.reads.inc(),
+            Err(_) => self.metrics.read_errors.inc(),
+        };
+        r
+    }
+
+    async fn read_inner(
+        self: &Arc<Self>,
+        ledger_id: u64,
+        entry_id: i64,
+        fence: Option<Bytes>,
+    ) -> Result<ReadResult> {
+        self.check_serving()?;
+        if entry_id < -1 {
+            return Err(BookieError::BadRequest(format!(
+                "entry id {entry_id} is negative"
+            )));
+        }
+        if let Some(key) = fence {
+            self.fence(ledger_id, key).await?;
+        }
+        let st = self
+            .ledgers
+            .get(ledger_id)
+            .ok_or(BookieError::NoSuchLedger(ledger_id))?;
+        let (last, fenced) = {
+            let g = st.inner.lock();
+            (g.last_entry, g.fenced)
+        };
+        let wanted = if entry_id == -1 { last } else { entry_id };
+        if wanted < 0 {
+            return Err(BookieError::NoSuchEntry(ledger_id, entry_id));
+        }
+        let body = self
+            .read_body(ledger_id, wanted as u64)
+            .await?
+            .ok_or(BookieError::NoSuchEntry(ledger_id, wanted))?;
+        Ok(ReadResult {
+            entry_id: wanted as u64,
+            body,
+            lac: st.lac(),
+            fenced,
+        })
+    }
+
+    async fn read_body(self: &Arc<Self>, ledger_id: u64, entry_id: u64) -> Result<Option<Bytes>> {
+        if let Some(b) = self.storage.get_cached(ledger_id, entry_id) {
+            return Ok(Some(b));
+        }
+        // Entry-log reads are blocking file I/O: keep them off the async workers.
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.storage.read_stored(ledger_id, entry_id))
+            .await
+            .map_err(|e| BookieError::Io(std::io::Error::other(e.to_string())))?
+    }
+
+    /// The ledger's LAC; with `timeout`, waits until it passes `previous` first.
+    pub async fn read_lac(
+        self: &Arc<Self>,
+        ledger_id: u64,
+        previous: i64,
+        timeout: Option<Duration>,
+    ) -> Result<LacResult> {
+        self.check_serving()?;
+        let st = self
+            .ledgers
+            .get(ledger_id)
+            .ok_or(BookieError::NoSuchLedger(ledger_id))?;
+        let mut timed_out = false;
+        if let Some(t) = timeout {
+            let mut rx = st.subscribe_lac();
+            timed_out = tokio::time::timeout(t, rx.wait_for(|lac| *lac > previous))
+                .await
+                .is_err();
+        }
+        let (last, explicit) = {
+            let g = st.inner.lock();
+            (
+                g.last_entry,
+                g.explicit_lac.as_ref().map(|(_, b)| b.clone()),
+            )
+        };
+        let last_entry_body = if last >= 0 {
+            self.read_body(ledger_id, last as u64).await?
+        } else {
+            None
+        };
+        Ok(LacResult {
+            lac: st.lac(),
+            last_entry_body,
+            explicit_lac_body: explicit,
+            timed_out,
+        })
+    }
+
+    /// Deletes a ledger's entries and state. Deleting an unknown ledger succeeds (idempotent).
+    pub async fn delete(self: &Arc<Self>, ledger_id: u64) -> Result<()> {
+        self.check_serving()?;
+        if self.ledgers.remove(ledger_id).is_none() {
+            return Ok(());
+        }
+        self.journal
+            .write(vec![Record::Delete { ledger_id }])
+            .await
+            .map_err(journal_error)?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.storage.delete_ledger(ledger_id))
+            .await
+            .map_err(|e| BookieError::Io(std::io::Error::other(e.to_string())))??;
+        tracing::info!(ledger_id, "ledger deleted");
+        Ok(())
+    }
+
+    pub fn info(&self) -> BookieInfo {
+        let (mut free, mut total) = (u64::MAX, 0);
+        for d in self.all_dirs() {
+            if let Ok((f, t)) = durable::disk_space(&d) {
+                free = free.min(f);
+                total = total.max(t);
+            }
+        }
+        BookieInfo {
+            bookie_id: self.id.clone(),
+            read_only: self.is_read_only(),
+            forced_read_only: self.forced_read_only.load(Ordering::Acquire),
+            disk_full: self.disk_full.load(Ordering::Acquire),
+            free_bytes: if free == u64::MAX { 0 } else { free },
+            total_bytes: total,
+            ledgers: self.ledgers.len(),
+            journal_io: self.journal.io_name(),
+            journal_failed: self.journal.has_failed(),
+        }
+    }
+
+    fn all_dirs(&self) -> Vec<std::path::PathBuf> {
+        std::iter::once(self.cfg.journal.dir.clone())
+            .chain(self.cfg.storage.ledger_dirs.iter().cloned())
+            .collect()
+    }
+
+    /// Flushes memory to the entry logs and records a journal mark from which replay starts.
+    pub fn checkpoint(&self) -> Result<()> {
+        let mark = self.journal.written_mark();
+        self.checkpoint_at(mark)
+    }
+
+    fn checkpoint_at(&self, mark: LogMark) -> Result<()> {
+        let _one = self.checkpoint_lock.lock();
+        let started = Instant::now();
+        let is_live = |l| self.ledgers.contains(l);
+        let entries = self.storage.flush_all(&is_live)?;
+        // Ledger state is read after the mark was taken: every change journaled before the
+        // mark is already in memory, so it is in this snapshot.
+        let mut per_dir = vec![Vec::new(); self.storage.dirs().len()];
+        for st in self.ledgers.all() {
+            per_dir[self.storage.dir_index(st.id)].push(st.meta());
+        }
+        self.storage.save_checkpoint(per_dir, mark)?;
+        let removed = self.journal.remove_files_before(mark)?;
+        self.metrics.checkpoints.inc();
+        self.metrics
+            .checkpoint_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.ledgers.set(self.ledgers.len() as i64);
+        tracing::debug!(
+            entries,
+            journal_files_removed = removed,
+            ?mark,
+            "checkpoint done"
+        );
+        Ok(())
+    }
+
+    /// Removes entry logs that hold no live ledger.
+    pub fn gc(&self) -> Result<usize> {
+        self.storage.gc(&|l| self.ledgers.contains(l))
+    }
+
+    /// Re-evaluates disk usage against the thresholds.
+    pub fn check_disks(&self) {
+        let mut worst: f64 = 0.0;
+        for d in self.all_dirs() {
+            match durable::disk_space(&d) {
+                Ok((free, total)) if total > 0 => {
+                    worst = worst.max(1.0 - free as f64 / total as f64);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(dir = %d.display(), error = %e, "disk check failed"),
+            }
+        }
+        let full = self.disk_full.load(Ordering::Acquire);
+        if !full && worst >= self.cfg.disk.usage_high {
+            self.disk_full.store(true, Ordering::Release);
+            tracing::warn!(
+                usage = worst,
+                threshold = self.cfg.disk.usage_high,
+                "disk above high-water mark: bookie is read-only"
+            );
+        } else if full && worst < self.cfg.disk.usage_low {
+            self.disk_full.store(false, Ordering::Release);
+            tracing::info!(
+                usage = worst,
+                threshold = self.cfg.disk.usage_low,
+                "disk below low-water mark: bookie is writable"
+            );
+        }
+        self.metrics.read_only.set(self.is_read_only() as i64);
+    }
+
+    fn wait_stop(&self, d: Duration) -> bool {
+        let (m, cv) = &*self.stop;
+        let mut stopped = m.lock();
+        if !*stopped {
+            cv.wait_for(&mut stopped, d);
+        }
+        *stopped
+    }
+
+    fn spawn_background(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let flush_wanted = self.storage.flush_wanted.clone();
+        let stop = self.stop.clone();
+        let interval = Duration::from_millis(self.cfg.storage.flush_interval_ms);
+        let gc_interval = Duration::from_millis(self.cfg.storage.gc_interval_ms);
+        let checkpointer = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                let mut last_gc = Instant::now();
+                loop {
+                    {
+                        let (m, cv) = &*flush_wanted;
+                        let mut wanted = m.lock();
+                        if !*wanted {
+                            cv.wait_for(&mut wanted, interval);
+                        }
+                    }
+                    if *stop.0.lock() {
+                        return;
+                    }
+                    let Some(b) = weak.upgrade() else { return };
+                    if let Err(e) = b.checkpoint() {
+                        tracing::error!(error = %e, "checkpoint failed; will retry");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    if last_gc.elapsed() >= gc_interval {
+                        last_gc = Instant::now();
+                        if let Err(e) = b.gc() {
+                            tracing::error!(error = %e, "garbage collection failed");
+                        }
+                    }
+                    b.metrics
+                        .write_cache_bytes
+                        .set(b.storage.cache_bytes() as i64);
+                    b.metrics
+                        .read_cache_bytes
+                        .set(b.storage.read_cache_bytes() as i64);
+                }
+            })
+            .expect("spawn checkpoint thread");
+        let weak = Arc::downgrade(self);
+        let check = Duration::from_millis(self.cfg.disk.check_interval_ms);
+        let disk = std::thread::Builder::new()
+            .name("disk-check".into())
+            .spawn(move || {
+                loop {
+                    let Some(b) = weak.upgrade() else { return };
+                    if b.wait_stop(check) {
+                        return;
+                    }
+                    b.check_disks();
+                    b.metrics
+                        .journal_queue_bytes
+                        .set(b.journal.queued_bytes() as i64);
+                    b.metrics
+                        .write_cache_bytes
+                        .set(b.storage.cache_bytes() as i64);
+                }
+            })
+            .expect("spawn disk thread");
+        self.threads.lock().extend([checkpointer, disk]);
+    }
+
+    /// Stops taking requests, writes out the journal queue, checkpoints and stops background
+    /// threads. Idempotent.
+    pub fn shutdown(&self) {
+        if self.shutting_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::info!("bookie shutting down");
+        self.journal.shutdown();
+        {
+            *self.stop.0.lock() = true;
+            self.stop.1.notify_all();
+            let (m, cv) = &*self.storage.flush_wanted;
+            *m.lock() = true;
+            cv.notify_all();
+        }
+        for t in self.threads.lock().drain(..) {
+            let _ = t.join();
+        }
+        if let Err(e) = self.checkpoint() {
+            tracing::error!(error = %e, "final checkpoint failed; the journal will be replayed");
+        }
+        tracing::info!("bookie stopped");
+    }
+}
+
+struct PreparedAdd {
+    ledger: Arc<LedgerState>,
+    reservation: journal::Reservation,
+    record: Record,
+    lac: i64,
+    recovery: bool,
+}

@@ -1,0 +1,14 @@
+//! Quire's wire types, shared by every crate: the generated gRPC services and messages, the
+//! entry format that clients write and bookies store ([`entry`]), and the one place where stable
+//! error codes are mapped to and from `tonic::Status` ([`status`]).
+
+pub mod entry;
+pub mod status;
+
+/// The bookie API, generated from `proto/quire/bookie/v1/bookie.proto`.
+pub mod bookie {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("quire.bookie.v1");
+}
+
+pub use bookie::StatusCode;
