@@ -12,11 +12,91 @@ pub mod config;
 pub mod cookie;
 pub mod durable;
 pub mod error;
+pub mod http;
 pub mod journal;
 pub mod ledger;
 pub mod metrics;
+pub mod server;
 pub mod storage;
 
 pub use bookie::Bookie;
 pub use config::BookieConfig;
 pub use error::BookieError;
+
+use std::net::SocketAddr;
+
+/// A running bookie: its gRPC and HTTP servers and the addresses they are bound to.
+pub struct Running {
+    pub bookie: std::sync::Arc<Bookie>,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Opens the bookie and starts serving gRPC and HTTP on the configured addresses (port 0 picks a
+/// free port; see [`Running`] for the bound ones).
+pub async fn start(cfg: BookieConfig) -> Result<Running, BookieError> {
+    let grpc = tokio::net::TcpListener::bind(cfg.listen).await?;
+    let http = tokio::net::TcpListener::bind(cfg.http).await?;
+    let grpc_addr = grpc.local_addr()?;
+    let http_addr = http.local_addr()?;
+    let mut cfg = cfg;
+    if cfg.bookie_id.is_none() && cfg.listen.port() == 0 {
+        // An ephemeral port is no stable identity; the bound address is the best we have.
+        cfg.bookie_id = Some(grpc_addr.to_string());
+    }
+    let bookie = tokio::task::spawn_blocking(move || Bookie::open(cfg))
+        .await
+        .map_err(|e| BookieError::Io(std::io::Error::other(e.to_string())))??;
+    let (shutdown, rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    let svc = server::BookieService::new(bookie.clone()).into_server();
+    let mut stop = rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        let r = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    }));
+    let mut stop = rx;
+    let app = http::router(bookie.clone());
+    tasks.push(tokio::spawn(async move {
+        let r = axum::serve(http, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    }));
+    tracing::info!(%grpc_addr, %http_addr, bookie_id = %bookie.id(), "bookie serving");
+    Ok(Running {
+        bookie,
+        grpc_addr,
+        http_addr,
+        shutdown,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Stops the servers (in-flight calls get a bounded grace period), then shuts the bookie
+    /// down cleanly: journal drained, final checkpoint.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+        }
+        let b = self.bookie;
+        let _ = tokio::task::spawn_blocking(move || b.shutdown()).await;
+    }
+}

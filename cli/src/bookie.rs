@@ -1,0 +1,115 @@
+//! `quire bookie`: runs a bookie until SIGTERM or SIGINT, then shuts it down cleanly.
+
+use anyhow::Context;
+use clap::Args;
+use quire_bookie::BookieConfig;
+use quire_bookie::config::JournalIoKind;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct BookieArgs {
+    /// TOML configuration file; the flags below override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Journal directory (put it on its own disk).
+    #[arg(long)]
+    journal_dir: Option<PathBuf>,
+    /// Ledger directory; repeat for several disks.
+    #[arg(long = "ledger-dir")]
+    ledger_dirs: Vec<PathBuf>,
+    /// gRPC listen address (port 0 picks a free port).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// HTTP address for /health, /metrics and the admin API (port 0 picks a free port).
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// Once serving, write the bound gRPC address (line 1) and HTTP address (line 2) here.
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
+    /// Bookie identity recorded in the cookie (default: the listen address).
+    #[arg(long)]
+    bookie_id: Option<String>,
+    /// Journal I/O backend: auto, io-uring or plain.
+    #[arg(long, value_parser = parse_io)]
+    journal_io: Option<JournalIoKind>,
+    /// Do not fdatasync the journal. FOR BENCHMARKS ONLY: a crash loses acknowledged entries.
+    #[arg(long)]
+    no_journal_sync: bool,
+}
+
+fn parse_io(s: &str) -> Result<JournalIoKind, String> {
+    match s {
+        "auto" => Ok(JournalIoKind::Auto),
+        "io-uring" | "io_uring" => Ok(JournalIoKind::IoUring),
+        "plain" => Ok(JournalIoKind::Plain),
+        _ => Err(format!(
+            "unknown journal I/O backend {s:?}: use auto, io-uring or plain"
+        )),
+    }
+}
+
+impl BookieArgs {
+    fn config(&self) -> anyhow::Result<BookieConfig> {
+        let mut cfg = match &self.config {
+            Some(p) => BookieConfig::from_file(p)?,
+            None => BookieConfig::default(),
+        };
+        if let Some(d) = &self.journal_dir {
+            cfg.journal.dir = d.clone();
+        }
+        if !self.ledger_dirs.is_empty() {
+            cfg.storage.ledger_dirs = self.ledger_dirs.clone();
+        }
+        if let Some(a) = self.listen {
+            cfg.listen = a;
+        }
+        if let Some(a) = self.http {
+            cfg.http = a;
+        }
+        if let Some(id) = &self.bookie_id {
+            cfg.bookie_id = Some(id.clone());
+        }
+        if let Some(io) = self.journal_io {
+            cfg.journal.io = io;
+        }
+        if self.no_journal_sync {
+            cfg.journal.sync = false;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn write_addr_file(path: &Path, grpc: SocketAddr, http: SocketAddr) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{grpc}\n{http}\n"))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+pub async fn run(args: BookieArgs) -> anyhow::Result<()> {
+    let cfg = args.config().context("invalid bookie configuration")?;
+    let running = quire_bookie::start(cfg)
+        .await
+        .context("starting the bookie")?;
+    if let Some(p) = &args.addr_file {
+        write_addr_file(p, running.grpc_addr, running.http_addr)?;
+    }
+    println!(
+        "bookie {} serving gRPC on {} and HTTP on {}",
+        running.bookie.id(),
+        running.grpc_addr,
+        running.http_addr
+    );
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    running.stop().await;
+    Ok(())
+}

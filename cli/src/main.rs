@@ -1,0 +1,45 @@
+//! `quire`: one binary for every role (`quire bookie`, later `quire metadata`, `quire standalone`,
+//! ...) and for the client tools (`quire bench ...`). Each subcommand only parses flags and wires a
+//! library crate; the work lives in the libraries.
+
+mod bench;
+mod bookie;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "quire", version, about = "Quire: distributed log storage")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a bookie: the storage server for ledger entries.
+    Bookie(bookie::BookieArgs),
+    /// Load generators that measure throughput and latency.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QUIRE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match cli.command {
+            Command::Bookie(args) => bookie::run(args).await,
+            Command::Bench(cmd) => bench::run(cmd).await,
+        }
+    })
+}
