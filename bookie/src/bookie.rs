@@ -141,14 +141,19 @@ impl Bookie {
     /// Opens (or creates) a bookie on its directories and starts its background threads.
     pub fn open(cfg: BookieConfig) -> Result<Arc<Bookie>> {
         cfg.validate()
-            .map_err(|e| BookieError::BadRequest(e.to_string()))?;
+            .map_err(|e| BookieError::Startup(e.to_string()))?;
         durable::create_dir(&cfg.journal.dir)?;
         for d in &cfg.storage.ledger_dirs {
             durable::create_dir(d)?;
         }
-        let id = cfg.bookie_id();
-        cookie::check_or_create(&id, &cfg.journal.dir, &cfg.storage.ledger_dirs)
-            .map_err(|e| BookieError::BadRequest(e.to_string()))?;
+        let id = cookie::check_or_create(
+            cfg.bookie_id.as_deref(),
+            &cfg.bookie_id(),
+            &cfg.journal.dir,
+            &cfg.storage.ledger_dirs,
+        )
+        .map_err(|e| BookieError::Startup(e.to_string()))?
+        .bookie_id;
 
         let started = Instant::now();
         let metrics = Arc::new(Metrics::new());
@@ -774,4 +779,263 @@ struct PreparedAdd {
     record: Record,
     lac: i64,
     recovery: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quire_proto::entry::EntryHeader;
+
+    fn config(root: &std::path::Path) -> BookieConfig {
+        let mut c = BookieConfig::default();
+        c.journal.dir = root.join("journal");
+        c.journal.prealloc_bytes = 1 << 20;
+        c.storage.ledger_dirs = vec![root.join("l1"), root.join("l2")];
+        c.storage.write_cache_bytes_max = 32 << 20;
+        c.storage.entry_log_size_max_bytes = 64 << 10;
+        c.storage.flush_interval_ms = 3_600_000;
+        c.storage.gc_interval_ms = 3_600_000;
+        c.entry_size_max_bytes = 1 << 20;
+        c.journal.queue_bytes_max = 8 << 20;
+        c
+    }
+
+    fn body(ledger: u64, entry: u64, n: usize) -> Bytes {
+        let h = EntryHeader {
+            ledger_id: ledger,
+            entry_id: entry,
+            lac: entry as i64 - 1,
+            length: 0,
+        };
+        entry::encode(&h, &vec![(ledger * 31 + entry) as u8; n])
+    }
+
+    async fn add(
+        b: &Bookie,
+        ledger: u64,
+        entry: u64,
+        key: &'static [u8],
+        recovery: bool,
+    ) -> Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let req = AddRequest {
+            ledger_id: ledger,
+            entry_id: entry,
+            master_key: Bytes::from_static(key),
+            recovery,
+            body: body(ledger, entry, 3000),
+        };
+        b.add(req, Box::new(move |r| drop(tx.send(r)))).await;
+        rx.await.expect("callback runs")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn entries_survive_checkpoint_and_reopen() {
+        let t = tempfile::tempdir().unwrap();
+        let b = Bookie::open(config(t.path())).unwrap();
+        for l in 1..=3 {
+            for e in 0..20 {
+                add(&b, l, e, b"k", false).await.unwrap();
+            }
+        }
+        b.checkpoint().unwrap();
+        // Served from entry logs now (several, since logs rotate at 64 KiB).
+        assert!(b.storage.locate(2, 7).unwrap().is_some());
+        add(&b, 1, 20, b"k", false).await.unwrap(); // only in the journal + write cache
+        b.shutdown();
+        drop(b);
+        let b = Bookie::open(config(t.path())).unwrap();
+        for l in 1..=3 {
+            for e in 0..20 {
+                let r = b.read(l, e as i64, None).await.unwrap();
+                assert_eq!(r.body, body(l, e, 3000));
+            }
+        }
+        let last = b.read(1, -1, None).await.unwrap();
+        assert_eq!(last.entry_id, 20);
+        assert_eq!(last.lac, 19);
+        assert!(matches!(
+            b.read(9, 0, None).await,
+            Err(BookieError::NoSuchLedger(9))
+        ));
+        assert!(matches!(
+            b.read(1, 21, None).await,
+            Err(BookieError::NoSuchEntry(1, 21))
+        ));
+        b.shutdown();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fencing_and_keys() {
+        let t = tempfile::tempdir().unwrap();
+        let b = Bookie::open(config(t.path())).unwrap();
+        add(&b, 5, 0, b"right", false).await.unwrap();
+        assert!(matches!(
+            add(&b, 5, 1, b"wrong", false).await,
+            Err(BookieError::Unauthorized(5))
+        ));
+        assert!(matches!(
+            b.fence(5, Bytes::from_static(b"wrong")).await,
+            Err(BookieError::Unauthorized(5))
+        ));
+        let (lac, last) = b.fence(5, Bytes::from_static(b"right")).await.unwrap();
+        assert_eq!((lac, last), (-1, 0));
+        assert!(matches!(
+            add(&b, 5, 1, b"right", false).await,
+            Err(BookieError::Fenced(5))
+        ));
+        add(&b, 5, 1, b"right", true).await.unwrap();
+        // Fencing an unknown ledger creates it fenced: a late writer cannot start it here.
+        b.fence(6, Bytes::from_static(b"k6")).await.unwrap();
+        assert!(matches!(
+            add(&b, 6, 0, b"k6", false).await,
+            Err(BookieError::Fenced(6))
+        ));
+        // A fencing read fences too.
+        add(&b, 7, 0, b"k7", false).await.unwrap();
+        b.read(7, 0, Some(Bytes::from_static(b"k7"))).await.unwrap();
+        assert!(matches!(
+            add(&b, 7, 1, b"k7", false).await,
+            Err(BookieError::Fenced(7))
+        ));
+        b.shutdown();
+        drop(b);
+        let b = Bookie::open(config(t.path())).unwrap();
+        assert!(matches!(
+            add(&b, 5, 2, b"right", false).await,
+            Err(BookieError::Fenced(5))
+        ));
+        assert!(matches!(
+            add(&b, 6, 0, b"k6", false).await,
+            Err(BookieError::Fenced(6))
+        ));
+        b.shutdown();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delete_then_gc_removes_dead_entry_logs() {
+        let t = tempfile::tempdir().unwrap();
+        let mut c = config(t.path());
+        c.storage.ledger_dirs.truncate(1);
+        let b = Bookie::open(c.clone()).unwrap();
+        for e in 0..60 {
+            add(&b, 1, e, b"k", false).await.unwrap();
+        }
+        b.checkpoint().unwrap();
+        for e in 0..5 {
+            add(&b, 2, e, b"k", false).await.unwrap();
+        }
+        b.checkpoint().unwrap();
+        let logs =
+            |dir: &std::path::Path| crate::storage::entry_log::list(&dir.join("logs")).unwrap();
+        let before = logs(&c.storage.ledger_dirs[0]);
+        assert!(before.len() > 2, "{before:?}");
+        assert_eq!(b.gc().unwrap(), 0, "nothing dead yet");
+        b.delete(1).await.unwrap();
+        assert!(matches!(
+            b.read(1, 0, None).await,
+            Err(BookieError::NoSuchLedger(1))
+        ));
+        let removed = b.gc().unwrap();
+        assert!(removed >= 1);
+        let after = logs(&c.storage.ledger_dirs[0]);
+        assert_eq!(after.len(), before.len() - removed);
+        for e in 0..5 {
+            assert_eq!(
+                b.read(2, e as i64, None).await.unwrap().body,
+                body(2, e, 3000)
+            );
+        }
+        b.shutdown();
+        drop(b);
+        // The delete is durable: after a restart the ledger stays gone.
+        let b = Bookie::open(c).unwrap();
+        assert!(matches!(
+            b.read(1, 0, None).await,
+            Err(BookieError::NoSuchLedger(1))
+        ));
+        assert_eq!(b.read(2, 4, None).await.unwrap().body, body(2, 4, 3000));
+        b.shutdown();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn long_poll_wakes_on_progress_and_bad_input_changes_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let b = Bookie::open(config(t.path())).unwrap();
+        add(&b, 3, 0, b"k", false).await.unwrap();
+        add(&b, 3, 1, b"k", false).await.unwrap();
+        let r = b
+            .read_lac(3, 0, Some(Duration::from_millis(50)))
+            .await
+            .unwrap();
+        assert!(r.timed_out);
+        assert_eq!(r.lac, 0);
+        let b2 = b.clone();
+        let poll =
+            tokio::spawn(async move { b2.read_lac(3, 0, Some(Duration::from_secs(30))).await });
+        add(&b, 3, 2, b"k", false).await.unwrap();
+        let r = poll.await.unwrap().unwrap();
+        assert!(!r.timed_out);
+        assert_eq!(r.lac, 1);
+        assert_eq!(r.last_entry_body, Some(body(3, 2, 3000)));
+        b.write_lac(3, Bytes::from_static(b"k"), 2, Bytes::from_static(b"lac"))
+            .await
+            .unwrap();
+        assert_eq!(b.read_lac(3, -1, None).await.unwrap().lac, 2);
+
+        // A body for another entry, an oversized body, a long key: refused, nothing stored.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let req = AddRequest {
+            ledger_id: 3,
+            entry_id: 9,
+            master_key: Bytes::from_static(b"k"),
+            recovery: false,
+            body: body(3, 8, 10),
+        };
+        b.add(req, Box::new(move |r| drop(tx.send(r)))).await;
+        assert!(matches!(rx.await.unwrap(), Err(BookieError::BadRequest(_))));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let req = AddRequest {
+            ledger_id: 3,
+            entry_id: 9,
+            master_key: Bytes::from_static(b"k"),
+            recovery: false,
+            body: body(3, 9, 2 << 20),
+        };
+        b.add(req, Box::new(move |r| drop(tx.send(r)))).await;
+        assert!(matches!(
+            rx.await.unwrap(),
+            Err(BookieError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            b.fence(3, Bytes::from(vec![0; 65])).await,
+            Err(BookieError::BadRequest(_))
+        ));
+        assert!(matches!(
+            b.read(3, 9, None).await,
+            Err(BookieError::NoSuchEntry(3, 9))
+        ));
+        assert!(matches!(
+            b.read(3, -2, None).await,
+            Err(BookieError::BadRequest(_))
+        ));
+        assert!(b.is_healthy());
+        b.shutdown();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forced_read_only_rejects_adds_but_serves_reads() {
+        let t = tempfile::tempdir().unwrap();
+        let b = Bookie::open(config(t.path())).unwrap();
+        add(&b, 4, 0, b"k", false).await.unwrap();
+        b.set_forced_read_only(true);
+        assert!(matches!(
+            add(&b, 4, 1, b"k", false).await,
+            Err(BookieError::ReadOnly)
+        ));
+        assert!(b.read(4, 0, None).await.is_ok());
+        b.set_forced_read_only(false);
+        add(&b, 4, 1, b"k", false).await.unwrap();
+        b.shutdown();
+    }
 }

@@ -19,7 +19,8 @@ pub enum JournalIoKind {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BookieConfig {
-    /// Identity recorded in the cookie. Default: the gRPC listen address.
+    /// Identity recorded in the cookie. Default: the one in the cookie, or for a new bookie the
+    /// gRPC listen address.
     pub bookie_id: Option<String>,
     /// gRPC address. Default: 127.0.0.1:3181.
     pub listen: SocketAddr,

@@ -82,9 +82,11 @@ fn is_empty_dir(p: &Path) -> bool {
 }
 
 /// Checks (or, on a fresh bookie, writes) the cookies. Directories must exist; paths are
-/// compared in canonical form.
+/// compared in canonical form. `bookie_id` is the configured identity: `None` adopts the one in
+/// the cookie, or `default_id` for a new bookie; an explicit id must match the cookie's.
 pub fn check_or_create(
-    bookie_id: &str,
+    bookie_id: Option<&str>,
+    default_id: &str,
     journal_dir: &Path,
     ledger_dirs: &[PathBuf],
 ) -> Result<Cookie, CookieError> {
@@ -115,6 +117,7 @@ pub fn check_or_create(
                 d.display()
             )));
         }
+        let bookie_id = bookie_id.unwrap_or(default_id);
         let cookie = Cookie {
             format: FORMAT.into(),
             version: VERSION,
@@ -163,7 +166,9 @@ pub fn check_or_create(
             Some(_) => {}
         }
     }
-    if first.bookie_id != bookie_id {
+    if let Some(bookie_id) = bookie_id
+        && first.bookie_id != bookie_id
+    {
         return Err(CookieError::Mismatch(format!(
             "the directories belong to bookie {:?}, but this bookie is configured as {:?}",
             first.bookie_id, bookie_id
@@ -199,8 +204,8 @@ mod tests {
     fn fresh_dirs_get_a_cookie_that_then_matches() {
         let t = tempfile::tempdir().unwrap();
         let (j, l) = dirs(t.path());
-        let c1 = check_or_create("b1", &j, &l).unwrap();
-        let c2 = check_or_create("b1", &j, &l).unwrap();
+        let c1 = check_or_create(Some("b1"), "x", &j, &l).unwrap();
+        let c2 = check_or_create(Some("b1"), "x", &j, &l).unwrap();
         assert_eq!(c1, c2);
     }
 
@@ -208,14 +213,17 @@ mod tests {
     fn mismatches_are_refused() {
         let t = tempfile::tempdir().unwrap();
         let (j, l) = dirs(t.path());
-        check_or_create("b1", &j, &l).unwrap();
-        // Another bookie id.
-        assert!(check_or_create("b2", &j, &l).is_err());
+        check_or_create(Some("b1"), "x", &j, &l).unwrap();
+        // Another bookie id; no id adopts the cookie's.
+        assert!(check_or_create(Some("b2"), "x", &j, &l).is_err());
+        assert_eq!(check_or_create(None, "x", &j, &l).unwrap().bookie_id, "b1");
         // A dropped ledger dir.
-        assert!(check_or_create("b1", &j, &l[..1]).is_err());
+        assert!(check_or_create(Some("b1"), "x", &j, &l[..1]).is_err());
         // A wiped ledger dir.
         std::fs::remove_file(l[1].join(COOKIE_FILE)).unwrap();
-        let err = check_or_create("b1", &j, &l).unwrap_err().to_string();
+        let err = check_or_create(Some("b1"), "x", &j, &l)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no cookie"), "{err}");
     }
 
@@ -224,18 +232,18 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let (j, l) = dirs(t.path());
         std::fs::write(l[0].join("LEDGERS"), b"x").unwrap();
-        assert!(check_or_create("b1", &j, &l).is_err());
+        assert!(check_or_create(Some("b1"), "x", &j, &l).is_err());
     }
 
     #[test]
     fn foreign_cookie_is_refused() {
         let t = tempfile::tempdir().unwrap();
         let (j, l) = dirs(t.path());
-        check_or_create("b1", &j, &l).unwrap();
+        check_or_create(Some("b1"), "x", &j, &l).unwrap();
         let other = tempfile::tempdir().unwrap();
         let (j2, l2) = dirs(other.path());
-        check_or_create("b1", &j2, &l2).unwrap();
+        check_or_create(Some("b1"), "x", &j2, &l2).unwrap();
         std::fs::copy(l2[0].join(COOKIE_FILE), l[0].join(COOKIE_FILE)).unwrap();
-        assert!(check_or_create("b1", &j, &l).is_err());
+        assert!(check_or_create(Some("b1"), "x", &j, &l).is_err());
     }
 }

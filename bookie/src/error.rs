@@ -27,6 +27,9 @@ pub enum BookieError {
     Corruption(String),
     #[error("bookie is shutting down")]
     ShuttingDown,
+    /// The bookie cannot start on this configuration or these directories.
+    #[error("{0}")]
+    Startup(String),
 }
 
 impl BookieError {
@@ -42,7 +45,7 @@ impl BookieError {
             Self::TooManyRequests(_) => StatusCode::TooManyRequests,
             Self::Io(_) => StatusCode::IoError,
             Self::Corruption(_) => StatusCode::Corruption,
-            Self::ShuttingDown => StatusCode::ShuttingDown,
+            Self::ShuttingDown | Self::Startup(_) => StatusCode::ShuttingDown,
         }
     }
 

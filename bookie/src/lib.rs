@@ -42,10 +42,8 @@ pub async fn start(cfg: BookieConfig) -> Result<Running, BookieError> {
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
     let mut cfg = cfg;
-    if cfg.bookie_id.is_none() && cfg.listen.port() == 0 {
-        // An ephemeral port is no stable identity; the bound address is the best we have.
-        cfg.bookie_id = Some(grpc_addr.to_string());
-    }
+    // The default identity of a new bookie is its address: the bound one when the port is 0.
+    cfg.listen = grpc_addr;
     let bookie = tokio::task::spawn_blocking(move || Bookie::open(cfg))
         .await
         .map_err(|e| BookieError::Io(std::io::Error::other(e.to_string())))??;
