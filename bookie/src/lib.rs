@@ -52,9 +52,9 @@ pub async fn start(cfg: BookieConfig) -> Result<Running, BookieError> {
     let svc = server::BookieService::new(bookie.clone()).into_server();
     let mut stop = rx.clone();
     tasks.push(tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        // Small add results must not wait for Nagle's algorithm.
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
         let r = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;

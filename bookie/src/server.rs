@@ -1,8 +1,8 @@
 //! The bookie gRPC service (`quire.bookie.v1.Bookie`).
 //!
 //! The add stream is pipelined: a reader task takes requests off the stream and hands each entry
-//! to the bookie, which answers through a callback once the entry is durable; a writer task packs
-//! whatever results are ready into one response message. At most `stream_in_flight_max` entries
+//! to the bookie, which answers through a callback once the entry is durable; the response stream
+//! packs whatever results are ready into one message. At most `stream_in_flight_max` entries
 //! per stream are between the two; past that the reader stops reading, so a client that floods or
 //! never reads responses is held back by HTTP/2 flow control instead of growing our memory.
 
@@ -11,10 +11,11 @@ use crate::error::BookieError;
 use quire_proto::StatusCode;
 use quire_proto::bookie as pb;
 use quire_proto::bookie::bookie_server::{Bookie as BookieApi, BookieServer};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Longest long poll a client may ask for.
@@ -57,9 +58,37 @@ fn result(ledger_id: u64, entry_id: u64, r: Result<(), BookieError>) -> pb::AddR
     }
 }
 
+/// The add stream's responses: every result ready when the transport asks for the next message,
+/// packed into one response. Polled directly by the connection, so a result goes from the
+/// journal's callback to the socket without another task in between. An entry's in-flight permit
+/// is released once its result has been handed to the transport.
+pub struct AddResults {
+    rx: mpsc::UnboundedReceiver<(pb::AddResult, OwnedSemaphorePermit)>,
+}
+
+impl tokio_stream::Stream for AddResults {
+    type Item = Result<pb::AddResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let first = match self.rx.poll_recv(cx) {
+            Poll::Ready(Some((r, _permit))) => r,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        let mut results = vec![first];
+        while results.len() < RESULTS_PER_RESPONSE {
+            match self.rx.try_recv() {
+                Ok((r, _permit)) => results.push(r),
+                Err(_) => break,
+            }
+        }
+        Poll::Ready(Some(Ok(pb::AddResponse { results })))
+    }
+}
+
 #[tonic::async_trait]
 impl BookieApi for BookieService {
-    type AddStream = ReceiverStream<Result<pb::AddResponse, Status>>;
+    type AddStream = AddResults;
 
     async fn add(
         &self,
@@ -67,9 +96,7 @@ impl BookieApi for BookieService {
     ) -> Result<Response<Self::AddStream>, Status> {
         let mut inbound = request.into_inner();
         let in_flight = Arc::new(Semaphore::new(self.bookie.config().stream_in_flight_max));
-        let (done_tx, mut done_rx) =
-            mpsc::unbounded_channel::<(pb::AddResult, OwnedSemaphorePermit)>();
-        let (out_tx, out_rx) = mpsc::channel(16);
+        let (done_tx, done_rx) = mpsc::unbounded_channel::<(pb::AddResult, OwnedSemaphorePermit)>();
         let bookie = self.bookie.clone();
         tokio::spawn(async move {
             loop {
@@ -105,26 +132,7 @@ impl BookieApi for BookieService {
                 }
             }
         });
-        tokio::spawn(async move {
-            while let Some((first, permit)) = done_rx.recv().await {
-                let mut results = vec![first];
-                let mut permits = vec![permit];
-                while results.len() < RESULTS_PER_RESPONSE {
-                    match done_rx.try_recv() {
-                        Ok((r, p)) => {
-                            results.push(r);
-                            permits.push(p);
-                        }
-                        Err(_) => break,
-                    }
-                }
-                if out_tx.send(Ok(pb::AddResponse { results })).await.is_err() {
-                    break;
-                }
-                drop(permits);
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(out_rx)))
+        Ok(Response::new(AddResults { rx: done_rx }))
     }
 
     async fn read_entry(

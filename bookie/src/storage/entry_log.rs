@@ -145,9 +145,7 @@ pub fn read(file: &File, loc: Location, ledger: u64, entry: u64) -> Result<Bytes
             loc.offset
         )));
     }
-    let mut buf = buf;
-    buf.drain(..RECORD_HEADER);
-    Ok(Bytes::from(buf))
+    Ok(Bytes::from(buf).slice(RECORD_HEADER..))
 }
 
 /// Scans a log's records up to its end or its first torn/corrupt record, returning the bytes
