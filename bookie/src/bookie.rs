@@ -639,6 +639,18 @@ impl Bookie {
         Ok(())
     }
 
+    /// Brings the gauges (queue depths, cache sizes) up to date; called before metrics are read.
+    pub fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        m.journal_queue_bytes
+            .set(self.journal.queued_bytes() as i64);
+        m.write_cache_bytes.set(self.storage.cache_bytes() as i64);
+        m.read_cache_bytes
+            .set(self.storage.read_cache_bytes() as i64);
+        m.ledgers.set(self.ledgers.len() as i64);
+        m.read_only.set(self.is_read_only() as i64);
+    }
+
     /// Removes entry logs that hold no live ledger.
     pub fn gc(&self) -> Result<usize> {
         self.storage.gc(&|l| self.ledgers.contains(l))

@@ -32,6 +32,7 @@ async fn health(State(b): State<Arc<Bookie>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(b): State<Arc<Bookie>>) -> impl IntoResponse {
+    b.refresh_gauges();
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -8,7 +8,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BookieArgs {
+    #[command(subcommand)]
+    command: Option<BookieCommand>,
     /// TOML configuration file; the flags below override it.
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -27,7 +30,8 @@ pub struct BookieArgs {
     /// Once serving, write the bound gRPC address (line 1) and HTTP address (line 2) here.
     #[arg(long)]
     addr_file: Option<PathBuf>,
-    /// Bookie identity recorded in the cookie (default: the listen address).
+    /// Bookie identity recorded in the cookie (default: the cookie's, or for a new bookie the
+    /// listen address).
     #[arg(long)]
     bookie_id: Option<String>,
     /// Journal I/O backend: auto, io-uring or plain.
@@ -36,6 +40,46 @@ pub struct BookieArgs {
     /// Do not fdatasync the journal. FOR BENCHMARKS ONLY: a crash loses acknowledged entries.
     #[arg(long)]
     no_journal_sync: bool,
+}
+
+#[derive(clap::Subcommand)]
+enum BookieCommand {
+    /// Print the records of a journal directory (offline; do not run on a live bookie's journal
+    /// while you need exact output, as it may be mid-write).
+    DumpJournal {
+        /// The journal directory.
+        dir: PathBuf,
+    },
+}
+
+fn dump_journal(dir: &Path) -> anyhow::Result<()> {
+    use quire_bookie::journal::{self, LogMark, Record};
+    let mut n = 0u64;
+    journal::replay(dir, LogMark::START, |rec, at| {
+        n += 1;
+        let line = match &rec {
+            Record::Add {
+                ledger_id,
+                entry_id,
+                body,
+                ..
+            } => {
+                format!(
+                    "add      ledger {ledger_id} entry {entry_id} body {} bytes",
+                    body.len()
+                )
+            }
+            Record::Fence { ledger_id, .. } => format!("fence    ledger {ledger_id}"),
+            Record::ExplicitLac { ledger_id, lac, .. } => {
+                format!("lac      ledger {ledger_id} explicit lac {lac}")
+            }
+            Record::Delete { ledger_id } => format!("delete   ledger {ledger_id}"),
+        };
+        println!("{:016x}:{:<10} {line}", at.file_id, at.offset);
+        Ok(())
+    })?;
+    println!("{n} records");
+    Ok(())
 }
 
 fn parse_io(s: &str) -> Result<JournalIoKind, String> {
@@ -90,6 +134,9 @@ fn write_addr_file(path: &Path, grpc: SocketAddr, http: SocketAddr) -> anyhow::R
 }
 
 pub async fn run(args: BookieArgs) -> anyhow::Result<()> {
+    if let Some(BookieCommand::DumpJournal { dir }) = &args.command {
+        return dump_journal(dir);
+    }
     let cfg = args.config().context("invalid bookie configuration")?;
     let running = quire_bookie::start(cfg)
         .await
