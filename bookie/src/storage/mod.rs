@@ -122,6 +122,8 @@ impl DirStorage {
         if snapshot.is_empty() {
             return Ok(0);
         }
+        // The active half is empty again: adds waiting for room may go on while this flushes.
+        self.room.notify_waiters();
         let result = self.write_out(&mut writer, &snapshot, is_live);
         if result.is_err() {
             // The log's tail is unknown after an error: leave it (its records are checksummed and
