@@ -16,10 +16,13 @@ pub trait JournalIo: Send {
     fn write_at(&mut self, file: &File, buf: &[u8], offset: u64, sync: bool) -> io::Result<()>;
 }
 
-/// Opens the configured backend; `Auto` falls back to plain I/O when io_uring is unavailable.
-pub fn open(kind: JournalIoKind) -> io::Result<Box<dyn JournalIo>> {
+/// Opens the configured backend. `Auto` picks io_uring (one submission for write + fdatasync)
+/// when the kernel allows it and the journal syncs, plain I/O otherwise: without syncs, a plain
+/// buffered write is cheaper than a round trip through io_uring's workers (measured).
+pub fn open(kind: JournalIoKind, sync: bool) -> io::Result<Box<dyn JournalIo>> {
     match kind {
         JournalIoKind::Plain => Ok(Box::new(PlainIo)),
+        JournalIoKind::Auto if !sync => Ok(Box::new(PlainIo)),
         JournalIoKind::IoUring => Ok(Box::new(UringIo::new()?)),
         JournalIoKind::Auto => match UringIo::new() {
             Ok(u) => Ok(Box::new(u)),

@@ -416,7 +416,7 @@ impl Journal {
                 "journal fsync is OFF: acknowledged entries can be lost on a crash; use for benchmarks only"
             );
         }
-        let io = io::open(cfg.io)?;
+        let io = io::open(cfg.io, cfg.sync)?;
         let io_name = io.name();
         let file = Writer::create_file(&cfg.dir, next_id, cfg.prealloc_bytes)?;
         let shared = Arc::new(Shared {
