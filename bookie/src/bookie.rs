@@ -778,8 +778,15 @@ impl Bookie {
         for t in self.threads.lock().drain(..) {
             let _ = t.join();
         }
-        if let Err(e) = self.checkpoint() {
-            tracing::error!(error = %e, "final checkpoint failed; the journal will be replayed");
+        match self.checkpoint() {
+            Ok(()) => {
+                if let Err(e) = self.storage.seal_logs() {
+                    tracing::warn!(error = %e, "sealing entry logs failed; they are scanned at start-up");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "final checkpoint failed; the journal will be replayed")
+            }
         }
         tracing::info!("bookie stopped");
     }

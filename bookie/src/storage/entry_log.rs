@@ -148,9 +148,19 @@ pub fn read(file: &File, loc: Location, ledger: u64, entry: u64) -> Result<Bytes
     Ok(Bytes::from(buf).slice(RECORD_HEADER..))
 }
 
+/// What a scan of an unsealed log found.
+pub struct Scan {
+    pub usage: LogUsage,
+    /// False when a corrupt record stopped the scan before the end of the data: records after it
+    /// cannot be located, so the usage may be missing live ledgers.
+    pub complete: bool,
+}
+
 /// Scans a log's records up to its end or its first torn/corrupt record, returning the bytes
-/// held per ledger. Used for a log that was never sealed.
-pub fn scan(path: &Path, id: u32) -> Result<LogUsage, ReadError> {
+/// held per ledger. Used for a log that was never sealed (the one being written at a crash). Only
+/// a scan that reaches the end of the data cleanly is complete: a damaged length field cannot be
+/// told from a torn tail, so both leave the rest of the log unknown.
+pub fn scan(path: &Path, id: u32) -> Result<Scan, ReadError> {
     let file = File::open(path)?;
     check_header(&file, id)?;
     let len = file.metadata()?.len();
@@ -158,6 +168,7 @@ pub fn scan(path: &Path, id: u32) -> Result<LogUsage, ReadError> {
     io::copy(&mut (&mut r).take(HEADER_LEN), &mut io::sink())?;
     let mut pos = HEADER_LEN;
     let mut usage = LogUsage::new();
+    let mut complete = true;
     let mut head = [0u8; RECORD_HEADER];
     let mut payload = Vec::new();
     while pos + RECORD_HEADER as u64 <= len {
@@ -170,6 +181,12 @@ pub fn scan(path: &Path, id: u32) -> Result<LogUsage, ReadError> {
             break;
         }
         if pos + RECORD_HEADER as u64 + plen > len {
+            tracing::warn!(
+                log = id,
+                offset = pos,
+                "entry log scan stopped at a torn record"
+            );
+            complete = false;
             break;
         }
         payload.resize(plen as usize, 0);
@@ -178,14 +195,19 @@ pub fn scan(path: &Path, id: u32) -> Result<LogUsage, ReadError> {
             tracing::warn!(
                 log = id,
                 offset = pos,
-                "entry log scan stopped at a bad record"
+                "entry log scan stopped at a corrupt record"
             );
+            complete = false;
             break;
         }
         *usage.entry(ledger).or_default() += RECORD_HEADER as u64 + plen;
         pos += RECORD_HEADER as u64 + plen;
     }
-    Ok(usage)
+    if pos < len && pos + (RECORD_HEADER as u64) > len {
+        // A few bytes of a header at the very end.
+        complete = false;
+    }
+    Ok(Scan { usage, complete })
 }
 
 pub fn encode_usage(usage: &LogUsage) -> Vec<u8> {
@@ -310,14 +332,16 @@ impl Writer {
     }
 }
 
-/// The logs to delete: sealed (not `current`) logs none of whose ledgers is alive.
+/// The logs to delete: sealed logs (neither `current` nor `pinned`) none of whose ledgers is
+/// alive. Pinned logs have an incomplete summary (see [`Scan`]) and are never collected.
 pub fn collectable<'a>(
     logs: impl IntoIterator<Item = (&'a u32, &'a LogUsage)>,
     current: Option<u32>,
+    pinned: &std::collections::HashSet<u32>,
     is_live: &dyn Fn(u64) -> bool,
 ) -> Vec<u32> {
     logs.into_iter()
-        .filter(|(id, _)| Some(**id) != current)
+        .filter(|(id, _)| Some(**id) != current && !pinned.contains(*id))
         .filter(|(_, usage)| !usage.keys().any(|l| is_live(*l)))
         .map(|(id, _)| *id)
         .collect()
@@ -361,13 +385,31 @@ mod tests {
         w.sync().unwrap();
         let path = log_path(dir.path(), 3);
         let full = scan(&path, 3).unwrap();
-        assert_eq!(full, w.usage);
+        assert!(full.complete);
+        assert_eq!(full.usage, w.usage);
         // Tear the last record.
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(last.offset as u64 + 5).unwrap();
         let torn = scan(&path, 3).unwrap();
-        assert_eq!(torn.get(&1), Some(&(RECORD_HEADER as u64 + 100)));
-        assert_eq!(torn.get(&2), Some(&(RECORD_HEADER as u64 + 50)));
+        assert!(!torn.complete, "what follows a torn record is unknown");
+        assert_eq!(torn.usage.get(&1), Some(&(RECORD_HEADER as u64 + 100)));
+        assert_eq!(torn.usage.get(&2), Some(&(RECORD_HEADER as u64 + 50)));
+    }
+
+    #[test]
+    fn corrupt_record_mid_log_makes_the_scan_incomplete() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer::create(dir.path(), 4).unwrap();
+        let first = w.append(1, 0, &[1; 100]).unwrap();
+        w.append(2, 0, &[2; 50]).unwrap();
+        w.sync().unwrap();
+        let path = log_path(dir.path(), 4);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"Z", first.offset as u64 + RECORD_HEADER as u64 + 3)
+            .unwrap();
+        let s = scan(&path, 4).unwrap();
+        assert!(!s.complete);
+        assert!(s.usage.is_empty());
     }
 
     #[test]
@@ -392,8 +434,12 @@ mod tests {
         logs.insert(4, LogUsage::new());
         logs.insert(5, LogUsage::from([(13, 5)]));
         let live = |l: u64| l == 10 || l == 13;
-        let mut got = collectable(&logs, Some(5), &live);
+        let mut got = collectable(&logs, Some(5), &Default::default(), &live);
         got.sort();
         assert_eq!(got, vec![2, 3, 4]);
+        let pinned = std::collections::HashSet::from([3]);
+        let mut got = collectable(&logs, Some(5), &pinned, &live);
+        got.sort();
+        assert_eq!(got, vec![2, 4]);
     }
 }

@@ -23,7 +23,7 @@ use cache::{ReadCache, WriteCache};
 use entry_log::{Location, LogUsage};
 use index::IndexSet;
 use parking_lot::{Mutex, RwLock};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,6 +43,8 @@ pub struct DirStorage {
     read_cache: Mutex<ReadCache>,
     readers: RwLock<HashMap<u32, Arc<File>>>,
     usage: Mutex<BTreeMap<u32, LogUsage>>,
+    /// Logs whose usage is not fully known: never garbage-collected.
+    pinned: HashSet<u32>,
     indexes: Mutex<IndexSet>,
     /// The log being written; held for a whole flush, which also serializes flushes and deletes.
     writer: Mutex<Option<entry_log::Writer>>,
@@ -57,6 +59,7 @@ impl DirStorage {
         crate::durable::create_dir(&logs_dir)?;
         crate::durable::create_dir(&index_dir)?;
         let mut usage = BTreeMap::new();
+        let mut pinned = HashSet::new();
         let mut readers = HashMap::new();
         let ids = entry_log::list(&logs_dir)?;
         for &id in &ids {
@@ -70,15 +73,29 @@ impl DirStorage {
             let u = match summary {
                 Some(u) => u,
                 None => {
-                    // The log being written at the last stop: summarize it once and seal it.
-                    let u = entry_log::scan(&path, id)
+                    // The log being written at a crash: summarize it once and seal it, unless a
+                    // corrupt record hides part of it; then it stays unsealed and is never
+                    // collected (its live entries cannot all be known).
+                    let scan = entry_log::scan(&path, id)
                         .map_err(|e| BookieError::Corruption(e.to_string()))?;
-                    crate::durable::write_atomic(
-                        &entry_log::map_path(&logs_dir, id),
-                        &entry_log::encode_usage(&u),
-                    )?;
-                    tracing::info!(log = id, ledgers = u.len(), "unsealed entry log summarized");
-                    u
+                    if scan.complete {
+                        crate::durable::write_atomic(
+                            &entry_log::map_path(&logs_dir, id),
+                            &entry_log::encode_usage(&scan.usage),
+                        )?;
+                        tracing::info!(
+                            log = id,
+                            ledgers = scan.usage.len(),
+                            "unsealed entry log summarized"
+                        );
+                    } else {
+                        tracing::error!(
+                            log = id,
+                            "entry log has a corrupt record; it is kept out of garbage collection"
+                        );
+                        pinned.insert(id);
+                    }
+                    scan.usage
                 }
             };
             usage.insert(id, u);
@@ -94,6 +111,7 @@ impl DirStorage {
             read_cache: Mutex::new(ReadCache::new(cfg.read_cache_bytes_max / n_dirs)),
             readers: RwLock::new(readers),
             usage: Mutex::new(usage),
+            pinned,
             indexes: Mutex::new(IndexSet::new(&index_dir, INDEX_OPEN_MAX)),
             writer: Mutex::new(None),
             next_log_id: Mutex::new(next),
@@ -175,6 +193,17 @@ impl DirStorage {
         Ok(())
     }
 
+    /// Seals the log being written (after a final flush), so the next start need not scan it.
+    fn seal_current(&self) -> Result<()> {
+        let mut writer = self.writer.lock();
+        if let Some(w) = writer.take() {
+            let id = w.id;
+            let u = w.seal()?;
+            self.usage.lock().insert(id, u);
+        }
+        Ok(())
+    }
+
     fn get_cached(&self, key: cache::Key, metrics: &Metrics) -> Option<Bytes> {
         if let Some(b) = self.cache.read().get(&key) {
             metrics.write_cache_hits.inc();
@@ -227,7 +256,7 @@ impl DirStorage {
 
     fn gc(&self, is_live: IsLive) -> Result<usize> {
         let current = self.writer.lock().as_ref().map(|w| w.id);
-        let dead = entry_log::collectable(self.usage.lock().iter(), current, is_live);
+        let dead = entry_log::collectable(self.usage.lock().iter(), current, &self.pinned, is_live);
         for &id in &dead {
             self.readers.write().remove(&id);
             crate::durable::remove_file(&entry_log::log_path(&self.logs_dir, id))?;
@@ -363,6 +392,14 @@ impl LedgerStorage {
         }
         *self.flush_wanted.0.lock() = false;
         Ok(n)
+    }
+
+    /// Seals every directory's current entry log (at a clean shutdown, after the last flush).
+    pub fn seal_logs(&self) -> Result<()> {
+        for d in &self.dirs {
+            d.seal_current()?;
+        }
+        Ok(())
     }
 
     /// Persists each directory's ledgers and the mark the checkpoint covers.
