@@ -50,6 +50,10 @@ pub struct JournalConfig {
     /// Close a batch as soon as no record is waiting instead of waiting out `max_wait_us`.
     /// Default: true.
     pub flush_when_idle: bool,
+    /// After a batch, the journal thread polls for new records this long before sleeping, so
+    /// that a steady stream of requests does not pay a thread wake-up each. 0 disables it.
+    /// Default: 0.
+    pub spin_us: u64,
     /// A batch is written once it holds this many bytes. Default: 512 KiB.
     pub max_batch_bytes: usize,
     /// Bytes queued for the journal before adds wait (back-pressure). Default: 64 MiB.
@@ -115,6 +119,7 @@ impl Default for JournalConfig {
             sync: true,
             max_wait_us: 1000,
             flush_when_idle: true,
+            spin_us: 0,
             max_batch_bytes: 512 << 10,
             queue_bytes_max: 64 << 20,
             file_size_max_bytes: 512 << 20,

@@ -326,13 +326,32 @@ impl Writer {
         Ok(())
     }
 
+    /// Waits for the next message, polling for up to `spin` before sleeping: a request that
+    /// arrives soon after the last batch then skips a thread wake-up (tens of microseconds on
+    /// virtual machines). Yielding while polling leaves the core to any thread that needs it.
+    fn next(rx: &Receiver<Msg>, spin: Duration) -> Result<Msg, crossbeam_channel::RecvError> {
+        if !spin.is_zero() {
+            let until = Instant::now() + spin;
+            loop {
+                match rx.try_recv() {
+                    Ok(m) => return Ok(m),
+                    Err(TryRecvError::Disconnected) => return Err(crossbeam_channel::RecvError),
+                    Err(TryRecvError::Empty) if Instant::now() < until => std::thread::yield_now(),
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+        }
+        rx.recv()
+    }
+
     fn run(mut self, rx: Receiver<Msg>) {
         let max_wait = Duration::from_micros(self.cfg.max_wait_us);
         let mut batch: Vec<Pending> = Vec::new();
         let mut buf: Vec<u8> = Vec::with_capacity(self.cfg.max_batch_bytes * 2);
         let mut stop = false;
+        let spin = Duration::from_micros(self.cfg.spin_us);
         while !stop {
-            match rx.recv() {
+            match Self::next(&rx, spin) {
                 Ok(Msg::Write(p)) => batch.push(p),
                 Ok(Msg::Shutdown) | Err(_) => break,
             }
