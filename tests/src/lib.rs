@@ -1,0 +1,867 @@
+//! The harness for Quire's cross-crate integration and fault tests: real `quire` processes on
+//! 127.0.0.1 ephemeral ports, driven over gRPC and HTTP, killed with SIGKILL for faults.
+//!
+//! Every [`BookieProcess`] owns a per-test directory holding its journal and ledger directories
+//! (unless the test puts them elsewhere, e.g. on a small tmpfs), its config file, its address
+//! file and one pair of log files per run (`logs/run-<n>.stdout.log`, `logs/run-<n>.stderr.log`).
+//! Dropping it kills the process, so no bookie outlives its test, even a panicking one; a
+//! panicking test keeps its directory and prints where the logs are.
+//!
+//! The binary is `$QUIRE_BIN`, or `quire` next to the test executable's directory
+//! (`target/debug/quire`); `cargo test --workspace` builds it, `cargo test -p quire-tests` does
+//! not (build it first with `cargo build -p quire-cli`).
+//!
+//! Every wait has a timeout; no helper asserts anything about how long something took.
+
+use bytes::Bytes;
+use quire_proto::StatusCode;
+use quire_proto::bookie::bookie_client::BookieClient;
+use quire_proto::bookie::{
+    AddEntry, AddRequest, AddResponse, AddResult, ReadEntryRequest, ReadEntryResponse,
+    ReadLacRequest, ReadLacResponse,
+};
+use quire_proto::entry::{EntryHeader, encode};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+/// A connected bookie client.
+pub type Client = BookieClient<Channel>;
+
+/// How long a bookie may take to start serving or to stop.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long any single RPC or add result may take before the test gives up.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What to start a bookie with.
+#[derive(Debug, Clone)]
+pub struct BookieOpts {
+    /// Names the test directory and the bookie id.
+    pub name: String,
+    /// TOML written to the bookie's config file (directories and addresses come from flags).
+    pub config_toml: String,
+    /// How many ledger directories to create in the test directory (ignored when
+    /// `ledger_dirs` is set).
+    pub ledger_dir_count: usize,
+    /// Put the journal here instead of in the test directory.
+    pub journal_dir: Option<PathBuf>,
+    /// Use these ledger directories instead of ones in the test directory.
+    pub ledger_dirs: Option<Vec<PathBuf>>,
+}
+
+impl BookieOpts {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            config_toml: String::new(),
+            ledger_dir_count: 1,
+            journal_dir: None,
+            ledger_dirs: None,
+        }
+    }
+
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config_toml = toml.into();
+        self
+    }
+
+    pub fn ledger_dir_count(mut self, n: usize) -> Self {
+        self.ledger_dir_count = n;
+        self
+    }
+
+    pub fn journal_dir(mut self, d: PathBuf) -> Self {
+        self.journal_dir = Some(d);
+        self
+    }
+
+    pub fn ledger_dirs(mut self, d: Vec<PathBuf>) -> Self {
+        self.ledger_dirs = Some(d);
+        self
+    }
+}
+
+/// Why a bookie did not come up.
+#[derive(Debug)]
+pub struct StartFailure {
+    /// The exit status, when the process exited (None: it hung and was killed).
+    pub status: Option<ExitStatus>,
+    pub stderr: String,
+}
+
+impl std::fmt::Display for StartFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.status {
+            Some(s) => write!(f, "bookie exited with {s}")?,
+            None => write!(f, "bookie did not serve within {START_TIMEOUT:?}")?,
+        }
+        write!(f, "; stderr:\n{}", tail(&self.stderr, 40))
+    }
+}
+
+/// The first and last `lines / 2` lines of `text` (an error's cause comes first, a panic last).
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    if all.len() <= lines {
+        return all.join("\n");
+    }
+    let half = lines / 2;
+    format!(
+        "{}\n[... {} lines ...]\n{}",
+        all[..half].join("\n"),
+        all.len() - 2 * half,
+        all[all.len() - half..].join("\n")
+    )
+}
+
+/// The `quire` binary under test.
+pub fn quire_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("QUIRE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current test executable");
+    let dir = exe.parent().expect("test executable has a directory");
+    let bin = dir.join("..").join("quire");
+    if !bin.exists() {
+        panic!(
+            "the quire binary is missing at {}: build it with `cargo build -p quire-cli` (or run \
+             `cargo test --workspace`, which builds it), or point QUIRE_BIN at it",
+            bin.display()
+        );
+    }
+    bin
+}
+
+/// One `quire bookie` process (and its restarts) with its directories.
+pub struct BookieProcess {
+    name: String,
+    root: Option<tempfile::TempDir>,
+    root_path: PathBuf,
+    journal_dir: PathBuf,
+    ledger_dirs: Vec<PathBuf>,
+    config_path: PathBuf,
+    addr_file: PathBuf,
+    log_dir: PathBuf,
+    bookie_id: String,
+    child: Option<Child>,
+    grpc: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+    runs: u32,
+}
+
+impl BookieProcess {
+    /// Creates the test directory and config without starting anything.
+    pub fn prepare(opts: BookieOpts) -> Self {
+        let root = tempfile::Builder::new()
+            .prefix(&format!("quire-test-{}-", opts.name))
+            .tempdir()
+            .expect("create test directory");
+        let root_path = root.path().to_path_buf();
+        let journal_dir = opts
+            .journal_dir
+            .clone()
+            .unwrap_or_else(|| root_path.join("journal"));
+        let ledger_dirs = opts.ledger_dirs.clone().unwrap_or_else(|| {
+            (0..opts.ledger_dir_count.max(1))
+                .map(|i| root_path.join(format!("ledgers-{i}")))
+                .collect()
+        });
+        for d in std::iter::once(&journal_dir).chain(&ledger_dirs) {
+            std::fs::create_dir_all(d).expect("create bookie directory");
+        }
+        let log_dir = root_path.join("logs");
+        std::fs::create_dir_all(&log_dir).expect("create log directory");
+        let config_path = root_path.join("bookie.toml");
+        std::fs::write(&config_path, &opts.config_toml).expect("write config");
+        Self {
+            bookie_id: format!("test-{}", opts.name),
+            name: opts.name,
+            addr_file: root_path.join("bookie.addr"),
+            root: Some(root),
+            root_path,
+            journal_dir,
+            ledger_dirs,
+            config_path,
+            log_dir,
+            child: None,
+            grpc: None,
+            http: None,
+            runs: 0,
+        }
+    }
+
+    /// Starts a bookie; panics (pointing at its logs) when it does not come up.
+    pub async fn start(opts: BookieOpts) -> Self {
+        let mut b = Self::prepare(opts);
+        b.restart().await;
+        b
+    }
+
+    /// Starts the bookie again on the current directories and config, stopping it first (with
+    /// SIGTERM) if it is running.
+    pub async fn restart(&mut self) {
+        if let Err(e) = self.try_restart().await {
+            panic!(
+                "bookie {} failed to start ({}): {e}",
+                self.name,
+                self.log_dir.display()
+            );
+        }
+    }
+
+    /// Like [`restart`](Self::restart), but a bookie that exits or hangs instead of serving is
+    /// an error to inspect, not a panic.
+    pub async fn try_restart(&mut self) -> Result<(), StartFailure> {
+        if self.is_running() {
+            self.terminate().await;
+        }
+        self.runs += 1;
+        let _ = std::fs::remove_file(&self.addr_file);
+        let stdout = std::fs::File::create(self.stdout_path()).expect("create stdout log");
+        let stderr = std::fs::File::create(self.stderr_path()).expect("create stderr log");
+        let mut cmd = Command::new(quire_bin());
+        cmd.arg("bookie")
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--journal-dir")
+            .arg(&self.journal_dir);
+        for d in &self.ledger_dirs {
+            cmd.arg("--ledger-dir").arg(d);
+        }
+        cmd.args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .arg("--addr-file")
+            .arg(&self.addr_file)
+            .arg("--bookie-id")
+            .arg(&self.bookie_id)
+            .env(
+                "QUIRE_LOG",
+                std::env::var("QUIRE_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            // anyhow's error backtraces bury the cause; panics still get theirs.
+            .env(
+                "RUST_LIB_BACKTRACE",
+                std::env::var("RUST_LIB_BACKTRACE").unwrap_or_else(|_| "0".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
+        // is async-signal-safe. It makes the bookie die with the thread that started it, so a
+        // test runner killed on a timeout leaves no bookie behind either.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("cannot spawn {}: {e}", quire_bin().display());
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let child = self.child.as_mut().expect("spawned above");
+            if let Some(status) = child.try_wait().expect("wait for bookie") {
+                self.child = None;
+                return Err(StartFailure {
+                    status: Some(status),
+                    stderr: self.last_stderr(),
+                });
+            }
+            if let Some((grpc, http)) = read_addr_file(&self.addr_file) {
+                self.grpc = Some(grpc);
+                self.http = Some(http);
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.kill9();
+                return Err(StartFailure {
+                    status: None,
+                    stderr: self.last_stderr(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        assert!(self.is_running(), "bookie {} is not running", self.name);
+        self.grpc.expect("address known while running")
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        assert!(self.is_running(), "bookie {} is not running", self.name);
+        self.http.expect("address known while running")
+    }
+
+    /// A new gRPC connection to the bookie.
+    pub async fn client(&self) -> Client {
+        let url = format!("http://{}", self.grpc_addr());
+        let endpoint = tonic::transport::Endpoint::from_shared(url)
+            .expect("valid endpoint")
+            .connect_timeout(Duration::from_secs(10));
+        let channel = tokio::time::timeout(RPC_TIMEOUT, endpoint.connect())
+            .await
+            .expect("connect timed out")
+            .expect("connect to bookie");
+        BookieClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// SIGKILL: the crash fault. Returns once the process is gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.grpc = None;
+        self.http = None;
+    }
+
+    /// SIGTERM and wait for the clean shutdown; panics unless the bookie exits 0 in time.
+    pub async fn terminate(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        self.grpc = None;
+        self.http = None;
+        // SAFETY: kill(2) on the pid of a child we have not yet reaped.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "SIGTERM failed: {}", std::io::Error::last_os_error());
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for bookie") {
+                assert!(
+                    status.success(),
+                    "bookie {} exited with {status} after SIGTERM; stderr:\n{}",
+                    self.name,
+                    tail(&self.last_stderr(), 40)
+                );
+                return;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "bookie {} did not stop within {START_TIMEOUT:?} of SIGTERM (logs: {})",
+                    self.name,
+                    self.log_dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Replaces the config file (takes effect at the next start).
+    pub fn set_config(&mut self, toml: &str) {
+        std::fs::write(&self.config_path, toml).expect("write config");
+    }
+
+    /// Changes the bookie id used from the next start on.
+    pub fn set_bookie_id(&mut self, id: &str) {
+        self.bookie_id = id.into();
+    }
+
+    /// Changes the journal directory used from the next start on.
+    pub fn set_journal_dir(&mut self, d: PathBuf) {
+        self.journal_dir = d;
+    }
+
+    /// Changes the ledger directories used from the next start on.
+    pub fn set_ledger_dirs(&mut self, d: Vec<PathBuf>) {
+        self.ledger_dirs = d;
+    }
+
+    pub fn journal_dir(&self) -> &Path {
+        &self.journal_dir
+    }
+
+    pub fn ledger_dirs(&self) -> &[PathBuf] {
+        &self.ledger_dirs
+    }
+
+    /// The per-test directory (scratch space for the test too).
+    pub fn root(&self) -> &Path {
+        &self.root_path
+    }
+
+    pub fn log_dir(&self) -> &Path {
+        &self.log_dir
+    }
+
+    fn stdout_path(&self) -> PathBuf {
+        self.log_dir.join(format!("run-{}.stdout.log", self.runs))
+    }
+
+    fn stderr_path(&self) -> PathBuf {
+        self.log_dir.join(format!("run-{}.stderr.log", self.runs))
+    }
+
+    /// Everything the latest run wrote to stderr.
+    pub fn last_stderr(&self) -> String {
+        std::fs::read_to_string(self.stderr_path()).unwrap_or_default()
+    }
+
+    /// GET on the bookie's HTTP port.
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        http_request(self.http_addr(), "GET", path, None)
+    }
+
+    /// PUT with a JSON body on the bookie's HTTP port.
+    pub fn http_put(&self, path: &str, json: &str) -> (u16, String) {
+        http_request(self.http_addr(), "PUT", path, Some(json))
+    }
+
+    /// `GET /api/v1/bookie/state`, parsed.
+    pub fn state(&self) -> serde_json::Value {
+        let (code, body) = self.http_get("/api/v1/bookie/state");
+        assert_eq!(code, 200, "GET state: {body}");
+        serde_json::from_str(&body).expect("state is JSON")
+    }
+
+    /// One sample from `/metrics` (e.g. `quire_bookie_checkpoints_total`), when present.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let (code, body) = self.http_get("/metrics");
+        assert_eq!(code, 200, "GET /metrics: {body}");
+        parse_metric(&body, name)
+    }
+}
+
+impl Drop for BookieProcess {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            if let Some(root) = self.root.take() {
+                let kept = root.keep();
+                eprintln!(
+                    "test failed: bookie {} kept its directory {} (logs in {})",
+                    self.name,
+                    kept.display(),
+                    kept.join("logs").display()
+                );
+            }
+            eprintln!(
+                "last stderr of bookie {}:\n{}",
+                self.name,
+                tail(&self.last_stderr(), 30)
+            );
+        }
+    }
+}
+
+fn read_addr_file(path: &Path) -> Option<(SocketAddr, SocketAddr)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut lines = text.lines();
+    let grpc = lines.next()?.trim().parse().ok()?;
+    let http = lines.next()?.trim().parse().ok()?;
+    Some((grpc, http))
+}
+
+/// Finds `name` (a sample without labels) in Prometheus/OpenMetrics text.
+pub fn parse_metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let value = rest.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// A tiny HTTP/1.1 client: one request per connection, 10 s timeouts. Returns the status code
+/// and the body.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    json: Option<&str>,
+) -> (u16, String) {
+    let timeout = Duration::from_secs(10);
+    let mut s = TcpStream::connect_timeout(&addr, timeout).expect("connect to HTTP port");
+    s.set_read_timeout(Some(timeout)).expect("set timeout");
+    s.set_write_timeout(Some(timeout)).expect("set timeout");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    if let Some(body) = json {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    } else {
+        req.push_str("\r\n");
+    }
+    s.write_all(req.as_bytes()).expect("send HTTP request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read HTTP response");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("malformed HTTP response: {text:?}"));
+    let code: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("malformed HTTP status line: {head:?}"));
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (code, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+    }
+    out
+}
+
+/// The failure of a unary RPC: the Quire code and the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcError {
+    pub code: StatusCode,
+    pub message: String,
+}
+
+impl From<tonic::Status> for RpcError {
+    fn from(s: tonic::Status) -> Self {
+        Self {
+            code: quire_proto::status::code_of(&s),
+            message: format!("{:?}: {}", s.code(), s.message()),
+        }
+    }
+}
+
+/// Runs an RPC future with [`RPC_TIMEOUT`], mapping a failure to its Quire code.
+pub async fn rpc<T>(
+    f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, RpcError> {
+    match tokio::time::timeout(RPC_TIMEOUT, f).await {
+        Ok(r) => r.map(tonic::Response::into_inner).map_err(RpcError::from),
+        Err(_) => panic!("RPC timed out after {RPC_TIMEOUT:?}"),
+    }
+}
+
+/// Deterministic pseudo-random bytes for (seed, ledger, entry): what a test wrote can be
+/// recomputed instead of remembered.
+pub fn payload(seed: u64, ledger: u64, entry: u64, len: usize) -> Vec<u8> {
+    let mut x = seed
+        ^ ledger.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ entry.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        // splitmix64
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        out.extend_from_slice(&z.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// An entry body in Quire's entry format, piggybacking `lac`.
+pub fn body(ledger_id: u64, entry_id: u64, lac: i64, payload: &[u8]) -> Bytes {
+    encode(
+        &EntryHeader {
+            ledger_id,
+            entry_id,
+            lac,
+            length: payload.len() as u64,
+        },
+        payload,
+    )
+}
+
+/// A normal (non-recovery) add of `body` with `key`.
+pub fn add_entry(ledger_id: u64, entry_id: u64, key: &[u8], body: Bytes) -> AddEntry {
+    AddEntry {
+        ledger_id,
+        entry_id,
+        master_key: Bytes::copy_from_slice(key),
+        recovery: false,
+        body,
+    }
+}
+
+/// One open add stream: requests go in through a bounded channel, results come out as they
+/// arrive.
+pub struct AddStream {
+    tx: Option<mpsc::Sender<AddRequest>>,
+    rx: tonic::Streaming<AddResponse>,
+}
+
+impl AddStream {
+    pub async fn open(client: &mut Client) -> AddStream {
+        let (tx, rx) = mpsc::channel(16);
+        let responses = rpc(client.add(tokio_stream::wrappers::ReceiverStream::new(rx)))
+            .await
+            .expect("open add stream");
+        AddStream {
+            tx: Some(tx),
+            rx: responses,
+        }
+    }
+
+    /// The sending half, to feed the stream from another task.
+    pub fn sender(&self) -> mpsc::Sender<AddRequest> {
+        self.tx.clone().expect("sending half not yet finished")
+    }
+
+    /// Drops this handle's sending half: the request stream ends once every
+    /// [`sender`](Self::sender) clone is dropped too, and then the bookie ends the responses.
+    pub fn finish(&mut self) {
+        self.tx = None;
+    }
+
+    /// Queues one request; false when the stream is gone.
+    pub async fn send(&self, entries: Vec<AddEntry>) -> bool {
+        match &self.tx {
+            Some(tx) => tx.send(AddRequest { entries }).await.is_ok(),
+            None => false,
+        }
+    }
+
+    /// The next batch of results: `Ok(None)` when the server ended the stream, `Err` on a
+    /// transport failure. Panics after [`RPC_TIMEOUT`] without any.
+    pub async fn next(&mut self) -> Result<Option<Vec<AddResult>>, tonic::Status> {
+        match tokio::time::timeout(RPC_TIMEOUT, self.rx.message()).await {
+            Ok(r) => r.map(|m| m.map(|m| m.results)),
+            Err(_) => panic!("no add result within {RPC_TIMEOUT:?}"),
+        }
+    }
+}
+
+/// Adds `entries` over one new stream, `batch` per request, and returns every entry's result,
+/// keyed by (ledger, entry). Panics if a result is missing.
+pub async fn add_all(
+    client: &mut Client,
+    entries: Vec<AddEntry>,
+    batch: usize,
+) -> HashMap<(u64, u64), AddResult> {
+    let mut stream = AddStream::open(client).await;
+    let want = entries.len();
+    let tx = stream.sender();
+    stream.finish();
+    let sender = tokio::spawn(async move {
+        let mut it = entries.into_iter().peekable();
+        while it.peek().is_some() {
+            let chunk: Vec<AddEntry> = it.by_ref().take(batch.max(1)).collect();
+            if tx.send(AddRequest { entries: chunk }).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut out = HashMap::with_capacity(want);
+    while out.len() < want {
+        match stream.next().await {
+            Ok(Some(results)) => {
+                for r in results {
+                    let key = (r.ledger_id, r.entry_id);
+                    assert!(
+                        out.insert(key, r).is_none(),
+                        "two results for entry {key:?}"
+                    );
+                }
+            }
+            Ok(None) => panic!("add stream ended after {} of {want} results", out.len()),
+            Err(e) => panic!(
+                "add stream failed after {} of {want} results: {e}",
+                out.len()
+            ),
+        }
+    }
+    let _ = sender.await;
+    out
+}
+
+/// Adds one entry and returns its result code.
+pub async fn add_one(client: &mut Client, entry: AddEntry) -> (StatusCode, String) {
+    let key = (entry.ledger_id, entry.entry_id);
+    let r = add_all(client, vec![entry], 1)
+        .await
+        .remove(&key)
+        .expect("result");
+    (code(&r), r.message)
+}
+
+/// The Quire code of an add result.
+pub fn code(r: &AddResult) -> StatusCode {
+    StatusCode::try_from(r.code).unwrap_or_else(|_| panic!("unknown status code {}", r.code))
+}
+
+/// Asserts that every result is OK.
+pub fn assert_all_ok(results: &HashMap<(u64, u64), AddResult>) {
+    for (k, r) in results {
+        assert_eq!(
+            code(r),
+            StatusCode::Ok,
+            "add of {k:?} failed: {}",
+            r.message
+        );
+    }
+}
+
+pub async fn read_entry(
+    client: &mut Client,
+    ledger_id: u64,
+    entry_id: i64,
+) -> Result<ReadEntryResponse, RpcError> {
+    rpc(client.read_entry(ReadEntryRequest {
+        ledger_id,
+        entry_id,
+        fence: false,
+        master_key: Bytes::new(),
+    }))
+    .await
+}
+
+pub async fn read_lac(
+    client: &mut Client,
+    ledger_id: u64,
+    previous_lac: i64,
+    timeout_ms: u32,
+) -> Result<ReadLacResponse, RpcError> {
+    rpc(client.read_lac(ReadLacRequest {
+        ledger_id,
+        previous_lac,
+        timeout_ms,
+    }))
+    .await
+}
+
+/// Polls `check` every 50 ms until it holds; panics after `timeout`, naming `what`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A tmpfs mounted on a fresh temporary directory, lazily unmounted on drop.
+pub struct TmpfsMount {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
+
+impl TmpfsMount {
+    /// Mounts a tmpfs of `size` (e.g. "64m"); `Err` with the reason when not permitted here.
+    pub fn new(size: &str) -> Result<TmpfsMount, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("quire-tmpfs-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount -t tmpfs failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let path = dir.path().to_path_buf();
+        Ok(TmpfsMount {
+            dir: Some(dir),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Fraction of the file system in use, as `statvfs` reports it.
+    pub fn usage(&self) -> f64 {
+        let (free, total) = disk_space(&self.path);
+        1.0 - free as f64 / total as f64
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        disk_space(&self.path).1
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        drop(self.dir.take());
+    }
+}
+
+/// (available bytes, total bytes) of the file system holding `path`.
+pub fn disk_space(path: &Path) -> (u64, u64) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path without NUL");
+    // SAFETY: statvfs is plain old data; all zeroes is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` is a valid out-pointer.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    assert_eq!(
+        rc,
+        0,
+        "statvfs {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    let frsize = st.f_frsize as u64;
+    (st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize)
+}
+
+/// Every file under `dirs` with its contents, to prove that something left them untouched.
+pub fn snapshot_files(dirs: &[&Path]) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(d: &Path, out: &mut std::collections::BTreeMap<PathBuf, Vec<u8>>) {
+        let Ok(rd) = std::fs::read_dir(d) else {
+            return;
+        };
+        for e in rd {
+            let p = e.expect("dir entry").path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).expect("read file"));
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for d in dirs {
+        walk(d, &mut out);
+    }
+    out
+}
