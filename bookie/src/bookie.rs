@@ -92,6 +92,14 @@ fn journal_error(e: JournalError) -> BookieError {
     }
 }
 
+/// Records an explicit LAC unless a higher one is already known (it never goes back, live or
+/// replayed).
+fn set_explicit_lac(g: &mut crate::ledger::LedgerInner, lac: i64, body: Bytes) {
+    if g.explicit_lac.as_ref().is_none_or(|(cur, _)| lac >= *cur) {
+        g.explicit_lac = Some((lac, body));
+    }
+}
+
 /// Applies one replayed journal record to memory (the same effects as the live path).
 fn apply(ledgers: &Ledgers, storage: &LedgerStorage, rec: Record) -> Result<()> {
     match rec {
@@ -126,13 +134,14 @@ fn apply(ledgers: &Ledgers, storage: &LedgerStorage, rec: Record) -> Result<()> 
             body,
         } => {
             let st = ledgers.get_or_create(ledger_id, &master_key);
-            st.inner.lock().explicit_lac = Some((lac, body));
+            set_explicit_lac(&mut st.inner.lock(), lac, body);
             st.advance_lac(lac);
         }
         Record::Delete { ledger_id } => {
             ledgers.remove(ledger_id);
             storage.delete_ledger(ledger_id)?;
         }
+        Record::Batch { .. } => {}
     }
     Ok(())
 }
@@ -154,6 +163,7 @@ impl Bookie {
         )
         .map_err(|e| BookieError::Startup(e.to_string()))?
         .bookie_id;
+        durable::remove_temp_files(&cfg.journal.dir)?;
 
         let started = Instant::now();
         let metrics = Arc::new(Metrics::new());
@@ -447,12 +457,8 @@ impl Bookie {
             master_key,
             body: body.clone(),
         };
-        self.journaled(&st, rec, |g| {
-            if g.explicit_lac.as_ref().is_none_or(|(cur, _)| lac >= *cur) {
-                g.explicit_lac = Some((lac, body));
-            }
-        })
-        .await?;
+        self.journaled(&st, rec, |g| set_explicit_lac(g, lac, body))
+            .await?;
         st.advance_lac(lac);
         Ok(())
     }

@@ -43,6 +43,47 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     sync_dir(dir)
 }
 
+/// Creates `path` whole or not at all: `init` fills a temporary file (header, preallocation),
+/// which is synced and renamed into place. A crash never leaves a half-initialized file under the
+/// real name; leftovers are named `.<name>.tmp` and removed by [`remove_temp_files`].
+pub fn create_file(path: &Path, init: impl FnOnce(&File) -> io::Result<()>) -> io::Result<File> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    if path.exists() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} already exists", path.display()),
+        ));
+    }
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)?;
+    init(&f)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    sync_dir(dir)?;
+    Ok(f)
+}
+
+/// Removes temporary files left in `dir` by a crash during [`create_file`] or [`write_atomic`].
+pub fn remove_temp_files(dir: &Path) -> io::Result<()> {
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            fs::remove_file(e.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// Removes a file and syncs its directory; a missing file is not an error.
 pub fn remove_file(path: &Path) -> io::Result<()> {
     match fs::remove_file(path) {

@@ -74,6 +74,7 @@ fn dump_journal(dir: &Path) -> anyhow::Result<()> {
                 format!("lac      ledger {ledger_id} explicit lac {lac}")
             }
             Record::Delete { ledger_id } => format!("delete   ledger {ledger_id}"),
+            Record::Batch { seq, bytes } => format!("batch    {seq} ({bytes} bytes)"),
         };
         println!("{:016x}:{:<10} {line}", at.file_id, at.offset);
         Ok(())

@@ -1405,9 +1405,6 @@ async fn metrics_count_adds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: journal replay applies every explicit-LAC record, so a lower WriteLac that the \
-            live bookie ignored overwrites the newer explicit LAC body after a crash \
-            (bookie/src/bookie.rs apply vs write_lac)"]
 async fn explicit_lac_never_goes_back_across_kill9() {
     // Only the start-up checkpoint: the explicit LACs live in the journal alone.
     let mut bookie = BookieProcess::start(
@@ -1661,9 +1658,6 @@ async fn torn_journal_tail_is_cut_off_not_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: journal replay treats a corrupt record followed by valid ones like a torn tail: \
-            it silently drops every later acknowledged record of that file and the start-up \
-            checkpoint then deletes the file (bookie/src/journal/mod.rs replay)"]
 async fn corrupt_record_inside_the_journal_is_not_silently_truncated() {
     let mut bookie = BookieProcess::start(
         BookieOpts::new("journal-bitrot").config("[storage]\nflush_interval_ms = 600000\n"),
@@ -1724,9 +1718,6 @@ async fn corrupt_record_inside_the_journal_is_not_silently_truncated() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a crash between creating an entry log and writing its header leaves an empty \
-            .log file, and the bookie then refuses to start ('corruption: failed to fill whole \
-            buffer') (bookie/src/storage/mod.rs DirStorage::open, entry_log::Writer::create)"]
 async fn crash_while_creating_an_entry_log_does_not_prevent_restart() {
     let mut bookie = BookieProcess::start(
         BookieOpts::new("empty-log").config("[storage]\nflush_interval_ms = 100\n"),

@@ -32,8 +32,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use parking_lot::Mutex;
 pub use record::Record;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -177,8 +176,141 @@ fn check_header(path: &Path, h: &[u8], id: u64) -> Result<bool, JournalError> {
     Ok(true)
 }
 
+/// What one batch read found.
+enum BatchRead {
+    /// Zeros or the end of the file: nothing more was written.
+    End,
+    Ok {
+        seq: u64,
+        /// Each record with the offset just past it.
+        records: Vec<(Record, u64)>,
+        next: u64,
+    },
+    /// A damaged or incomplete batch: the records before the damage, where it is, and whether
+    /// valid records follow the damage inside the batch (then it is corruption, not a torn tail).
+    Bad {
+        records: Vec<(Record, u64)>,
+        at: u64,
+        reason: String,
+        valid_after: bool,
+    },
+}
+
+fn read_at(file: &File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.read_exact_at(buf, at)
+}
+
+/// True when a complete, valid record frame (not a batch header) starts anywhere in `data`.
+fn contains_valid_record(data: &Bytes) -> bool {
+    (0..data.len().saturating_sub(record::FRAME_HEADER)).any(|i| {
+        let len = u32::from_le_bytes(data[i..i + 4].try_into().expect("4")) as usize;
+        (9..=data.len() - i - record::FRAME_HEADER).contains(&len)
+            && (1..=4).contains(&data[i + record::FRAME_HEADER])
+            && Record::decode(&data.slice(i..)).is_ok()
+    })
+}
+
+fn read_batch(file: &File, pos: u64, len: u64) -> std::io::Result<BatchRead> {
+    let bad = |reason: String| BatchRead::Bad {
+        records: Vec::new(),
+        at: pos,
+        reason,
+        valid_after: false,
+    };
+    if pos + record::FRAME_HEADER as u64 > len {
+        return Ok(BatchRead::End);
+    }
+    let mut fh = [0u8; record::FRAME_HEADER];
+    read_at(file, &mut fh, pos)?;
+    let (body_len, crc) = match Record::frame_body_len(&fh) {
+        Ok(x) => x,
+        Err(record::DecodeError::End) => return Ok(BatchRead::End),
+        Err(e) => return Ok(bad(e.to_string())),
+    };
+    if body_len != record::BATCH_BODY || pos + record::BATCH_FRAME as u64 > len {
+        return Ok(bad("no valid batch header".into()));
+    }
+    let mut body = vec![0u8; body_len];
+    read_at(file, &mut body, pos + record::FRAME_HEADER as u64)?;
+    let (seq, bytes) = match Record::decode_body(Bytes::from(body), crc) {
+        Ok(Record::Batch { seq, bytes }) => (seq, bytes),
+        Ok(_) => return Ok(bad("expected a batch header".into())),
+        Err(e) => return Ok(bad(format!("batch header: {e}"))),
+    };
+    let start = pos + record::BATCH_FRAME as u64;
+    let next = start.saturating_add(bytes);
+    // A batch cut off by the end of the file is read as far as it goes.
+    let have = next.min(len) - start;
+    let mut data = vec![0u8; have as usize];
+    read_at(file, &mut data, start)?;
+    let mut data = Bytes::from(data);
+    let mut records = Vec::new();
+    let mut at = start;
+    while !data.is_empty() {
+        let err = match Record::decode(&data) {
+            Ok((Record::Batch { .. }, _)) => "batch header inside a batch".to_string(),
+            Ok((rec, n)) => {
+                at += n as u64;
+                records.push((rec, at));
+                let _ = data.split_to(n);
+                continue;
+            }
+            Err(e) => e.to_string(),
+        };
+        let valid_after = contains_valid_record(&data.slice(1..));
+        return Ok(BatchRead::Bad {
+            records,
+            at,
+            reason: err,
+            valid_after,
+        });
+    }
+    if next > len {
+        return Ok(BatchRead::Bad {
+            records,
+            at,
+            reason: "batch runs past the end of the file".into(),
+            valid_after: false,
+        });
+    }
+    Ok(BatchRead::Ok { seq, records, next })
+}
+
+/// The offset of the first valid batch header after `from`, if any: proof that what is damaged
+/// at `from` is not the torn tail of the last write.
+fn find_batch_after(file: &File, from: u64, len: u64) -> std::io::Result<Option<u64>> {
+    const CHUNK: usize = 1 << 20;
+    let mut buf = vec![0u8; CHUNK + record::BATCH_FRAME];
+    let mut base = from + 1;
+    while base + record::BATCH_FRAME as u64 <= len {
+        let n = ((len - base) as usize).min(buf.len());
+        read_at(file, &mut buf[..n], base)?;
+        for i in 0..n.saturating_sub(record::BATCH_FRAME - 1) {
+            // Cheap filters first: a batch header frame has a fixed length and kind.
+            if buf[i..i + 4] != (record::BATCH_BODY as u32).to_le_bytes() || buf[i + 8] != 5 {
+                continue;
+            }
+            if let Ok((Record::Batch { .. }, _)) =
+                Record::decode(&Bytes::copy_from_slice(&buf[i..i + record::BATCH_FRAME]))
+            {
+                return Ok(Some(base + i as u64));
+            }
+        }
+        base += (n - (record::BATCH_FRAME - 1)) as u64;
+    }
+    Ok(None)
+}
+
 /// Replays, in order, every durable record at or after `from`, calling `apply` with each record
 /// and the mark just past it. Returns the highest file id seen (0 when none).
+///
+/// A batch is written (and synced) only after the previous one was synced, so damage with
+/// nothing valid after it in its file is the torn tail of a crash: the valid records before the
+/// damage are replayed and the rest, never acknowledged, is cut. Damage *followed* by valid
+/// records (in the same batch or a later one) is corruption: replay fails with
+/// [`crate::BookieError::Corruption`] naming the file and offset, so the bookie refuses to start
+/// rather than silently drop acknowledged records, and the file is left as it is.
 pub fn replay(
     dir: &Path,
     from: LogMark,
@@ -188,64 +320,73 @@ pub fn replay(
     let last = ids.last().copied().unwrap_or(0);
     for id in ids.into_iter().filter(|id| *id >= from.file_id) {
         let path = dir.join(file_name(id));
-        let mut f = File::open(&path)?;
-        let mut h = vec![0u8; HEADER_LEN as usize];
+        let f = File::open(&path)?;
         let len = f.metadata()?.len();
         if len < HEADER_LEN {
             tracing::warn!(file = %path.display(), "journal file shorter than its header; skipped");
             continue;
         }
-        f.read_exact(&mut h)?;
+        let mut h = vec![0u8; HEADER_LEN as usize];
+        read_at(&f, &mut h, 0)?;
         if !check_header(&path, &h, id)
             .map_err(|e| crate::BookieError::Corruption(e.to_string()))?
         {
             tracing::warn!(file = %path.display(), "journal file with an empty header; skipped");
             continue;
         }
-        let start = if id == from.file_id {
+        let mut pos = if id == from.file_id {
             from.offset.max(HEADER_LEN)
         } else {
             HEADER_LEN
         };
-        f.seek(SeekFrom::Start(start))?;
-        let mut reader = std::io::BufReader::with_capacity(1 << 20, f);
-        let mut pos = start;
         let mut count = 0u64;
+        let mut expected: Option<u64> = None;
         loop {
-            let mut fh = [0u8; record::FRAME_HEADER];
-            if read_full(&mut reader, &mut fh)? < fh.len() {
-                break;
-            }
-            let (body_len, crc) = match Record::frame_body_len(&fh) {
-                Ok(x) => x,
-                Err(record::DecodeError::End) => break,
-                Err(e) => {
-                    tracing::warn!(file = %path.display(), offset = pos, error = %e, "journal tail cut");
-                    break;
-                }
-            };
-            if pos + (record::FRAME_HEADER + body_len) as u64 > len {
-                tracing::warn!(file = %path.display(), offset = pos, "torn journal record cut");
-                break;
-            }
-            let mut body = vec![0u8; body_len];
-            if read_full(&mut reader, &mut body)? < body_len {
-                break;
-            }
-            match Record::decode_body(Bytes::from(body), crc) {
-                Ok(rec) => {
-                    pos += (record::FRAME_HEADER + body_len) as u64;
-                    count += 1;
-                    apply(
-                        rec,
-                        LogMark {
+            match read_batch(&f, pos, len)? {
+                BatchRead::End => break,
+                BatchRead::Ok { seq, records, next } => {
+                    if expected.is_some_and(|e| e != seq) {
+                        return Err(crate::BookieError::Corruption(format!(
+                            "journal file {} has batch {seq} at offset {pos} where batch {} was \
+                             expected",
+                            path.display(),
+                            expected.unwrap_or_default()
+                        )));
+                    }
+                    expected = Some(seq + 1);
+                    for (rec, end) in records {
+                        count += 1;
+                        let at = LogMark {
                             file_id: id,
-                            offset: pos,
-                        },
-                    )?;
+                            offset: end,
+                        };
+                        apply(rec, at)?;
+                    }
+                    pos = next;
                 }
-                Err(e) => {
-                    tracing::warn!(file = %path.display(), offset = pos, error = %e, "journal tail cut");
+                BatchRead::Bad {
+                    records,
+                    at,
+                    reason,
+                    valid_after,
+                } => {
+                    if valid_after || find_batch_after(&f, pos, len)?.is_some() {
+                        return Err(crate::BookieError::Corruption(format!(
+                            "journal file {} is corrupt at offset {at} ({reason}), and valid \
+                             records follow: refusing to start rather than drop acknowledged \
+                             records; restore the file, or move it away to accept the loss",
+                            path.display()
+                        )));
+                    }
+                    for (rec, end) in records {
+                        count += 1;
+                        let at = LogMark {
+                            file_id: id,
+                            offset: end,
+                        };
+                        apply(rec, at)?;
+                    }
+                    tracing::warn!(file = %path.display(), offset = at, %reason, "torn journal tail cut");
                     break;
                 }
             }
@@ -253,19 +394,6 @@ pub fn replay(
         tracing::info!(file = %path.display(), records = count, "journal file replayed");
     }
     Ok(last)
-}
-
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 struct Writer {
@@ -276,24 +404,19 @@ struct Writer {
     file_id: u64,
     offset: u64,
     allocated: u64,
+    /// Sequence number of the next batch in the current file.
+    batch_seq: u64,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
 }
 
 impl Writer {
     fn create_file(dir: &Path, id: u64, prealloc: u64) -> std::io::Result<File> {
-        let path = dir.join(file_name(id));
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        durable::preallocate(&f, 0, HEADER_LEN + prealloc)?;
-        use std::os::unix::fs::FileExt;
-        f.write_all_at(&header(id), 0)?;
-        f.sync_all()?;
-        durable::sync_dir(dir)?;
-        Ok(f)
+        durable::create_file(&dir.join(file_name(id)), |f| {
+            durable::preallocate(f, 0, HEADER_LEN + prealloc)?;
+            use std::os::unix::fs::FileExt;
+            f.write_all_at(&header(id), 0)
+        })
     }
 
     fn write_batch(&mut self, buf: &[u8]) -> std::io::Result<()> {
@@ -310,12 +433,14 @@ impl Writer {
             .journal_sync_seconds
             .observe(t.elapsed().as_secs_f64());
         self.offset = end;
+        self.batch_seq += 1;
         if self.offset >= self.cfg.file_size_max_bytes {
             let id = self.file_id + 1;
             let f = Self::create_file(&self.dir, id, self.cfg.prealloc_bytes)?;
             self.file = f;
             self.file_id = id;
             self.offset = HEADER_LEN;
+            self.batch_seq = 0;
             self.allocated = HEADER_LEN + self.cfg.prealloc_bytes;
             tracing::info!(file_id = id, "journal rotated");
         }
@@ -388,6 +513,12 @@ impl Writer {
                 }
             }
             buf.clear();
+            let frames: usize = batch.iter().map(|p| p.frames.len()).sum();
+            Record::Batch {
+                seq: self.batch_seq,
+                bytes: frames as u64,
+            }
+            .encode_into(&mut buf);
             let mut records = 0;
             for p in &batch {
                 buf.extend_from_slice(&p.frames);
@@ -453,6 +584,7 @@ impl Journal {
             file_id: next_id,
             offset: HEADER_LEN,
             allocated: HEADER_LEN + cfg.prealloc_bytes,
+            batch_seq: 0,
             shared: shared.clone(),
             metrics,
         };
@@ -640,17 +772,46 @@ mod tests {
         assert!(replay(dir.path(), LogMark::START, |_, _| Ok(())).is_err());
     }
 
+    /// Writes each record as its own batch; returns the file and each batch's end offset.
     fn write_file(dir: &Path, recs: &[Record]) -> (PathBuf, Vec<u64>) {
         let path = dir.join(file_name(1));
         let mut data = header(1);
         let mut ends = Vec::new();
-        for r in recs {
+        for (i, r) in recs.iter().enumerate() {
+            Record::Batch {
+                seq: i as u64,
+                bytes: r.frame_len() as u64,
+            }
+            .encode_into(&mut data);
             r.encode_into(&mut data);
             ends.push(data.len() as u64);
         }
         data.extend_from_slice(&[0u8; 100]);
         std::fs::write(&path, &data).unwrap();
         (path, ends)
+    }
+
+    #[tokio::test]
+    async fn corruption_before_later_batches_refuses_replay_and_keeps_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::start(&cfg(dir.path()), 1, Arc::new(Metrics::new())).unwrap();
+        for e in 0..20 {
+            j.write(vec![add(3, e, 200)]).await.unwrap();
+        }
+        j.shutdown();
+        let path = dir.path().join(file_name(1));
+        let mut data = std::fs::read(&path).unwrap();
+        let needle = vec![5u8; 200];
+        let at = data
+            .windows(200)
+            .position(|w| w == needle.as_slice())
+            .unwrap();
+        data[at + 10] ^= 0xff;
+        std::fs::write(&path, &data).unwrap();
+        let err = replay(dir.path(), LogMark::START, |_, _| Ok(())).unwrap_err();
+        assert!(matches!(err, crate::BookieError::Corruption(_)), "{err}");
+        assert!(err.to_string().contains("refusing to start"), "{err}");
+        assert!(path.exists());
     }
 
     proptest! {
@@ -665,13 +826,14 @@ mod tests {
             let (path, ends) = write_file(dir.path(), &recs);
             let end = *ends.last().unwrap();
             let at = HEADER_LEN + cut.index((end - HEADER_LEN + 1) as usize) as u64;
-            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
             f.set_len(at).unwrap();
             let want = ends.iter().filter(|e| **e <= at).count();
             prop_assert_eq!(replay_all(dir.path(), LogMark::START), recs[..want].to_vec());
         }
 
-        /// Corrupting any byte of a record replays exactly the records before it.
+        /// Corrupting any byte of the last batch replays exactly the batches before it; any
+        /// earlier batch is corruption, refused.
         #[test]
         fn corrupted_record_replays_durable_prefix(
             recs in proptest::collection::vec(record::tests::arb_record(), 1..20),
@@ -686,7 +848,12 @@ mod tests {
             data[pos as usize] ^= flip;
             std::fs::write(&path, &data).unwrap();
             let damaged = ends.iter().position(|e| pos < *e).unwrap();
-            prop_assert_eq!(replay_all(dir.path(), LogMark::START), recs[..damaged].to_vec());
+            if damaged == recs.len() - 1 {
+                prop_assert_eq!(replay_all(dir.path(), LogMark::START), recs[..damaged].to_vec());
+            } else {
+                let r = replay(dir.path(), LogMark::START, |_, _| Ok(()));
+                prop_assert!(matches!(r, Err(crate::BookieError::Corruption(_))));
+            }
         }
     }
 }

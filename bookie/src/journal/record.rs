@@ -7,7 +7,12 @@
 //!   2 fence          key len u8 | master key
 //!   3 explicit LAC   lac i64 | key len u8 | master key | LAC body (rest)
 //!   4 delete         (nothing)
+//!   5 batch header   (the u64 is the batch's sequence number in its file) | records' bytes u64
 //! ```
+//!
+//! Every write of the journal is one batch: a batch header frame, then the frames of its records.
+//! The header's length field is checksummed, so replay can find where the next batch starts even
+//! when a record inside this one is damaged; that is how it tells a torn tail from corruption.
 //!
 //! A zero length marks the end of the written part of a (preallocated, zero-filled) file. A frame
 //! whose length is over [`RECORD_BODY_MAX`], that runs past the end of the data, or whose CRC does
@@ -26,6 +31,11 @@ const ADD: u8 = 1;
 const FENCE: u8 = 2;
 const EXPLICIT_LAC: u8 = 3;
 const DELETE: u8 = 4;
+const BATCH: u8 = 5;
+/// Body length of a batch header frame.
+pub const BATCH_BODY: usize = 17;
+/// Frame length of a batch header.
+pub const BATCH_FRAME: usize = FRAME_HEADER + BATCH_BODY;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
@@ -47,6 +57,11 @@ pub enum Record {
     },
     Delete {
         ledger_id: u64,
+    },
+    /// Opens a batch of `bytes` bytes of record frames (journal framing, never applied).
+    Batch {
+        seq: u64,
+        bytes: u64,
     },
 }
 
@@ -72,6 +87,7 @@ impl Record {
             | Record::Fence { ledger_id, .. }
             | Record::ExplicitLac { ledger_id, .. }
             | Record::Delete { ledger_id } => *ledger_id,
+            Record::Batch { .. } => 0,
         }
     }
 
@@ -88,6 +104,7 @@ impl Record {
                     master_key, body, ..
                 } => 8 + 1 + master_key.len() + body.len(),
                 Record::Delete { .. } => 0,
+                Record::Batch { .. } => 8,
             }
     }
 
@@ -138,6 +155,11 @@ impl Record {
             Record::Delete { ledger_id } => {
                 out.put_u8(DELETE);
                 out.put_u64_le(*ledger_id);
+            }
+            Record::Batch { seq, bytes } => {
+                out.put_u8(BATCH);
+                out.put_u64_le(*seq);
+                out.put_u64_le(*bytes);
             }
         }
         let body_len = out.len() - start - FRAME_HEADER;
@@ -199,6 +221,10 @@ impl Record {
                 }
             }
             DELETE => Record::Delete { ledger_id },
+            BATCH => Record::Batch {
+                seq: ledger_id,
+                bytes: r.u64()?,
+            },
             _ => return Err(DecodeError::Malformed("unknown record kind")),
         };
         Ok(rec)
@@ -287,6 +313,14 @@ pub(crate) mod tests {
             let (dec, n) = Record::decode(&Bytes::from(enc)).unwrap();
             prop_assert_eq!(n, rec.frame_len());
             prop_assert_eq!(dec, rec);
+        }
+
+        #[test]
+        fn batch_header_round_trips(seq in any::<u64>(), bytes in any::<u64>()) {
+            let rec = Record::Batch { seq, bytes };
+            let enc = rec.encode();
+            prop_assert_eq!(enc.len(), BATCH_FRAME);
+            prop_assert_eq!(Record::decode(&Bytes::from(enc)).unwrap(), (rec, BATCH_FRAME));
         }
 
         #[test]

@@ -17,7 +17,7 @@
 use crate::durable;
 use bytes::Bytes;
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -264,14 +264,7 @@ pub struct Writer {
 
 impl Writer {
     pub fn create(dir: &Path, id: u32) -> io::Result<Writer> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(log_path(dir, id))?;
-        file.write_all_at(&header(id), 0)?;
-        file.sync_all()?;
-        durable::sync_dir(dir)?;
+        let file = durable::create_file(&log_path(dir, id), |f| f.write_all_at(&header(id), 0))?;
         Ok(Writer {
             dir: dir.into(),
             id,
@@ -350,6 +343,7 @@ pub fn collectable<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
 
     #[test]
     fn written_entries_read_back_and_corruption_is_detected() {

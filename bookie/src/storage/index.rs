@@ -77,24 +77,17 @@ impl LedgerIndex {
         let file = match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&path)?;
-                f.set_len((HEADER_LEN + INITIAL_SLOTS * SLOT) as u64)?;
                 let mut h = [0u8; HEADER_LEN];
                 h[0..4].copy_from_slice(MAGIC);
                 h[4..8].copy_from_slice(&VERSION.to_le_bytes());
                 h[8..16].copy_from_slice(&ledger.to_le_bytes());
                 let crc = crc32c::crc32c(&h[0..16]);
                 h[16..20].copy_from_slice(&crc.to_le_bytes());
-                use std::os::unix::fs::FileExt;
-                f.write_all_at(&h, 0)?;
-                f.sync_all()?;
-                crate::durable::sync_dir(dir)?;
-                f
+                crate::durable::create_file(&path, |f| {
+                    f.set_len((HEADER_LEN + INITIAL_SLOTS * SLOT) as u64)?;
+                    use std::os::unix::fs::FileExt;
+                    f.write_all_at(&h, 0)
+                })?
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),

@@ -58,6 +58,9 @@ impl DirStorage {
         let index_dir = dir.join("index");
         crate::durable::create_dir(&logs_dir)?;
         crate::durable::create_dir(&index_dir)?;
+        crate::durable::remove_temp_files(dir)?;
+        crate::durable::remove_temp_files(&logs_dir)?;
+        crate::durable::remove_temp_files(&index_dir)?;
         let mut usage = BTreeMap::new();
         let mut pinned = HashSet::new();
         let mut readers = HashMap::new();
@@ -65,6 +68,13 @@ impl DirStorage {
         for &id in &ids {
             let path = entry_log::log_path(&logs_dir, id);
             let file = File::open(&path)?;
+            if file.metadata()?.len() == 0 {
+                // Left by a crash of a bookie that created logs in place (before create_file).
+                tracing::warn!(log = id, "removing an empty entry log");
+                drop(file);
+                crate::durable::remove_file(&path)?;
+                continue;
+            }
             entry_log::check_header(&file, id)
                 .map_err(|e| BookieError::Corruption(e.to_string()))?;
             let summary = std::fs::read(entry_log::map_path(&logs_dir, id))
