@@ -399,24 +399,38 @@ fn flip_byte(file: &Path, offset: usize) {
     std::fs::write(file, data).expect("write");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corrupted_entry_log_record_is_an_error_not_data() {
-    let mut bookie = BookieProcess::start(
-        BookieOpts::new("corrupt").config("[storage]\nflush_interval_ms = 200\n"),
-    )
-    .await;
+/// Starts a bookie, writes `per_ledger` entries to ledgers 7 and 8, and stops it with SIGTERM
+/// (whose final checkpoint puts everything into the entry log).
+async fn ledgers_7_and_8_in_entry_logs(
+    name: &str,
+    config: &str,
+    per_ledger: u64,
+    max_len: usize,
+) -> (BookieProcess, u64) {
+    let mut bookie = BookieProcess::start(BookieOpts::new(name).config(config)).await;
     let seed = seed();
-    const MAX_LEN: usize = 1000;
     let mut client = bookie.client().await;
     let mut entries = Vec::new();
     for l in [7u64, 8] {
-        for e in 0..20 {
-            entries.push(add_entry(l, e, KEY, body_for(seed, l, e, MAX_LEN)));
+        for e in 0..per_ledger {
+            entries.push(add_entry(l, e, KEY, body_for(seed, l, e, max_len)));
         }
     }
     assert_all_ok(&add_all(&mut client, entries, 8).await);
-    // The final checkpoint puts everything into the entry log.
     bookie.terminate().await;
+    (bookie, seed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_entry_log_record_is_an_error_not_data() {
+    const MAX_LEN: usize = 1000;
+    let (mut bookie, seed) = ledgers_7_and_8_in_entry_logs(
+        "corrupt",
+        "[storage]\nflush_interval_ms = 200\n",
+        20,
+        MAX_LEN,
+    )
+    .await;
 
     let dir = bookie.ledger_dirs()[0].clone();
     // Payload byte of 7/5, stored checksum of 8/3, entry-id field of 8/4, and the index slot of
@@ -479,21 +493,14 @@ async fn corrupted_entry_log_record_is_an_error_not_data() {
 async fn corrupt_record_does_not_let_gc_delete_live_entries() {
     // Only the final checkpoint flushes, so all entries land in one log, sorted by
     // (ledger, entry): ledger 7's records come first.
-    let mut bookie = BookieProcess::start(
-        BookieOpts::new("corrupt-gc").config("[storage]\nflush_interval_ms = 600000\n"),
+    const MAX_LEN: usize = 1000;
+    let (mut bookie, seed) = ledgers_7_and_8_in_entry_logs(
+        "corrupt-gc",
+        "[storage]\nflush_interval_ms = 600000\n",
+        10,
+        MAX_LEN,
     )
     .await;
-    let seed = seed();
-    const MAX_LEN: usize = 1000;
-    let mut client = bookie.client().await;
-    let mut entries = Vec::new();
-    for l in [7u64, 8] {
-        for e in 0..10 {
-            entries.push(add_entry(l, e, KEY, body_for(seed, l, e, MAX_LEN)));
-        }
-    }
-    assert_all_ok(&add_all(&mut client, entries, 20).await);
-    bookie.terminate().await;
 
     // Make it the state a crash leaves: the log being written has no ledger summary
     // (`<id>.ledgers`) and is scanned at start-up. Then damage one payload byte of its first

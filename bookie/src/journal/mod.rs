@@ -341,6 +341,17 @@ pub fn replay(
         };
         let mut count = 0u64;
         let mut expected: Option<u64> = None;
+        let mut apply_all = |records: Vec<(Record, u64)>| -> Result<u64, crate::BookieError> {
+            let n = records.len() as u64;
+            for (rec, end) in records {
+                let at = LogMark {
+                    file_id: id,
+                    offset: end,
+                };
+                apply(rec, at)?;
+            }
+            Ok(n)
+        };
         loop {
             match read_batch(&f, pos, len)? {
                 BatchRead::End => break,
@@ -354,14 +365,7 @@ pub fn replay(
                         )));
                     }
                     expected = Some(seq + 1);
-                    for (rec, end) in records {
-                        count += 1;
-                        let at = LogMark {
-                            file_id: id,
-                            offset: end,
-                        };
-                        apply(rec, at)?;
-                    }
+                    count += apply_all(records)?;
                     pos = next;
                 }
                 BatchRead::Bad {
@@ -378,14 +382,7 @@ pub fn replay(
                             path.display()
                         )));
                     }
-                    for (rec, end) in records {
-                        count += 1;
-                        let at = LogMark {
-                            file_id: id,
-                            offset: end,
-                        };
-                        apply(rec, at)?;
-                    }
+                    count += apply_all(records)?;
                     tracing::warn!(file = %path.display(), offset = at, %reason, "torn journal tail cut");
                     break;
                 }
