@@ -1049,6 +1049,36 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn checkpoint_after_a_failed_flush_covers_every_entry() {
+        let t = tempfile::tempdir().unwrap();
+        let mut c = config(t.path());
+        c.storage.ledger_dirs.truncate(1);
+        let logs = c.storage.ledger_dirs[0].join("logs");
+        let b = Bookie::open(c).unwrap();
+        add(&b, 1, 0, b"k", false).await.unwrap();
+        b.checkpoint().unwrap();
+        // Hide the logs directory: the flush fails when it rotates to a new log.
+        std::fs::rename(&logs, logs.with_extension("away")).unwrap();
+        for e in 1..40 {
+            add(&b, 1, e, b"k", false).await.unwrap();
+        }
+        assert!(b.checkpoint().is_err());
+        std::fs::rename(logs.with_extension("away"), &logs).unwrap();
+        for e in 40..50 {
+            add(&b, 1, e, b"k", false).await.unwrap();
+        }
+        b.checkpoint().unwrap();
+        // Every entry the mark covers is in an entry log, not only in memory.
+        for e in 0..50 {
+            assert!(
+                b.storage.locate(1, e).unwrap().is_some(),
+                "entry {e} not flushed"
+            );
+        }
+        b.shutdown();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn forced_read_only_rejects_adds_but_serves_reads() {
         let t = tempfile::tempdir().unwrap();
         let b = Bookie::open(config(t.path())).unwrap();

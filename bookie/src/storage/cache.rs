@@ -46,13 +46,15 @@ impl WriteCache {
     }
 
     /// Moves `active` to `flushing`, unless a previous flush failed and its entries are still
-    /// there (they are flushed again first). Returns what to flush.
-    pub fn swap(&mut self) -> Arc<BTreeMap<Key, Bytes>> {
-        if self.flushing.is_empty() {
-            self.flushing = Arc::new(std::mem::take(&mut self.active));
-            self.flushing_bytes = std::mem::take(&mut self.active_bytes);
+    /// there: then those are returned first, with `true` (the caller must swap again after).
+    /// Returns what to flush.
+    pub fn swap(&mut self) -> (Arc<BTreeMap<Key, Bytes>>, bool) {
+        if !self.flushing.is_empty() {
+            return (self.flushing.clone(), true);
         }
-        self.flushing.clone()
+        self.flushing = Arc::new(std::mem::take(&mut self.active));
+        self.flushing_bytes = std::mem::take(&mut self.active_bytes);
+        (self.flushing.clone(), false)
     }
 
     pub fn clear_flushing(&mut self) {
@@ -137,13 +139,14 @@ mod tests {
         c.insert((1, 1), Bytes::from_static(b"bbb"));
         c.insert((2, 0), Bytes::from_static(b"c"));
         assert_eq!(c.last_entry(1), Some(1));
-        let f = c.swap();
-        assert_eq!(f.len(), 3);
+        let (f, leftover) = c.swap();
+        assert_eq!((f.len(), leftover), (3, false));
         c.insert((1, 2), Bytes::from_static(b"d"));
         assert_eq!(c.get(&(1, 0)).as_deref(), Some(&b"aa"[..]));
         assert_eq!(c.last_entry(1), Some(2));
-        // A second swap before clearing returns the same (failed) flush.
-        assert_eq!(c.swap().len(), 3);
+        // A second swap before clearing returns the same (failed) flush, flagged.
+        let (f, leftover) = c.swap();
+        assert_eq!((f.len(), leftover), (3, true));
         c.clear_flushing();
         assert_eq!(c.bytes(), 1);
         c.remove_ledger(1);

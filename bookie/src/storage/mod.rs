@@ -146,22 +146,30 @@ impl DirStorage {
     /// Writes the write cache out to the entry log and index (see the module doc for the order).
     fn flush(&self, is_live: IsLive) -> Result<usize> {
         let mut writer = self.writer.lock();
-        let snapshot = self.cache.write().swap();
-        if snapshot.is_empty() {
-            return Ok(0);
+        let mut flushed = 0;
+        // A batch left by a failed flush goes first, then the active half: a checkpoint's mark
+        // covers both, so both must be in the entry log before it is saved.
+        loop {
+            let (snapshot, leftover) = self.cache.write().swap();
+            if snapshot.is_empty() {
+                return Ok(flushed);
+            }
+            // The active half is empty again: adds waiting for room may go on meanwhile.
+            self.room.notify_waiters();
+            let result = self.write_out(&mut writer, &snapshot, is_live);
+            if result.is_err() {
+                // The log's tail is unknown after an error: leave it (its records are checksummed
+                // and unindexed) and start a new one on the next flush.
+                *writer = None;
+            }
+            result?;
+            self.cache.write().clear_flushing();
+            self.room.notify_waiters();
+            flushed += snapshot.len();
+            if !leftover {
+                return Ok(flushed);
+            }
         }
-        // The active half is empty again: adds waiting for room may go on while this flushes.
-        self.room.notify_waiters();
-        let result = self.write_out(&mut writer, &snapshot, is_live);
-        if result.is_err() {
-            // The log's tail is unknown after an error: leave it (its records are checksummed and
-            // unindexed) and start a new one on the next flush.
-            *writer = None;
-        }
-        result?;
-        self.cache.write().clear_flushing();
-        self.room.notify_waiters();
-        Ok(snapshot.len())
     }
 
     fn write_out(
@@ -265,7 +273,9 @@ impl DirStorage {
     }
 
     fn gc(&self, is_live: IsLive) -> Result<usize> {
-        let current = self.writer.lock().as_ref().map(|w| w.id);
+        // Held for the whole pass: a flush cannot rotate to a new (empty, so "dead") log meanwhile.
+        let writer = self.writer.lock();
+        let current = writer.as_ref().map(|w| w.id);
         let dead = entry_log::collectable(self.usage.lock().iter(), current, &self.pinned, is_live);
         for &id in &dead {
             self.readers.write().remove(&id);
