@@ -302,6 +302,38 @@ fn find_batch_after(file: &File, from: u64, len: u64) -> std::io::Result<Option<
     Ok(None)
 }
 
+/// Where valid journal data follows `pos` in `file` or in any later file, if anywhere. A later
+/// file's batches are proof as well: a file is only rotated after its last batch was synced, and
+/// the start-up checkpoint removes older files before a new one gets any batch.
+fn valid_data_after(
+    dir: &Path,
+    file: &File,
+    pos: u64,
+    len: u64,
+    later_files: &[u64],
+) -> std::io::Result<Option<String>> {
+    if let Some(at) = find_batch_after(file, pos, len)? {
+        return Ok(Some(format!("a batch at offset {at}")));
+    }
+    for &id in later_files {
+        let f = File::open(dir.join(file_name(id)))?;
+        let flen = f.metadata()?.len();
+        if flen >= HEADER_LEN && matches!(read_batch(&f, HEADER_LEN, flen)?, BatchRead::Ok { .. }) {
+            return Ok(Some(format!("batches in journal file {}", file_name(id))));
+        }
+    }
+    Ok(None)
+}
+
+fn corrupt_error(path: &Path, at: u64, reason: &str, later: &str) -> crate::BookieError {
+    crate::BookieError::Corruption(format!(
+        "journal file {} is corrupt at offset {at} ({reason}), and valid records follow \
+         ({later}): refusing to start rather than drop acknowledged records; restore the file, \
+         or move it away to accept the loss",
+        path.display()
+    ))
+}
+
 /// Replays, in order, every durable record at or after `from`, calling `apply` with each record
 /// and the mark just past it. Returns the highest file id seen (0 when none).
 ///
@@ -318,7 +350,8 @@ pub fn replay(
 ) -> Result<u64, crate::BookieError> {
     let ids = list_files(dir)?;
     let last = ids.last().copied().unwrap_or(0);
-    for id in ids.into_iter().filter(|id| *id >= from.file_id) {
+    let replayed: Vec<u64> = ids.into_iter().filter(|id| *id >= from.file_id).collect();
+    for (i, &id) in replayed.iter().enumerate() {
         let path = dir.join(file_name(id));
         let f = File::open(&path)?;
         let len = f.metadata()?.len();
@@ -354,7 +387,16 @@ pub fn replay(
         };
         loop {
             match read_batch(&f, pos, len)? {
-                BatchRead::End => break,
+                BatchRead::End => {
+                    // Zeros where a batch header should be: the end of this file's data (later
+                    // files are expected after a rotation), unless a valid batch follows in this
+                    // file: then a batch was lost, a hole, not the end.
+                    if let Some(later) = find_batch_after(&f, pos, len)? {
+                        let later = format!("a batch at offset {later}");
+                        return Err(corrupt_error(&path, pos, "zeroed batch header", &later));
+                    }
+                    break;
+                }
                 BatchRead::Ok { seq, records, next } => {
                     if expected.is_some_and(|e| e != seq) {
                         return Err(crate::BookieError::Corruption(format!(
@@ -374,13 +416,13 @@ pub fn replay(
                     reason,
                     valid_after,
                 } => {
-                    if valid_after || find_batch_after(&f, pos, len)?.is_some() {
-                        return Err(crate::BookieError::Corruption(format!(
-                            "journal file {} is corrupt at offset {at} ({reason}), and valid \
-                             records follow: refusing to start rather than drop acknowledged \
-                             records; restore the file, or move it away to accept the loss",
-                            path.display()
-                        )));
+                    let later = if valid_after {
+                        Some("in the same batch".to_string())
+                    } else {
+                        valid_data_after(dir, &f, pos, len, &replayed[i + 1..])?
+                    };
+                    if let Some(later) = later {
+                        return Err(corrupt_error(&path, at, &reason, &later));
                     }
                     count += apply_all(records)?;
                     tracing::warn!(file = %path.display(), offset = at, %reason, "torn journal tail cut");
@@ -786,6 +828,42 @@ mod tests {
         data.extend_from_slice(&[0u8; 100]);
         std::fs::write(&path, &data).unwrap();
         (path, ends)
+    }
+
+    #[test]
+    fn a_zeroed_batch_before_valid_ones_is_a_hole_not_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let recs: Vec<Record> = (0..5).map(|e| add(1, e, 50)).collect();
+        let (path, ends) = write_file(dir.path(), &recs);
+        let mut data = std::fs::read(&path).unwrap();
+        let (a, b) = (ends[1] as usize, ends[2] as usize);
+        data[a..b].fill(0);
+        std::fs::write(&path, &data).unwrap();
+        let err = replay(dir.path(), LogMark::START, |_, _| Ok(())).unwrap_err();
+        assert!(err.to_string().contains("zeroed batch header"), "{err}");
+    }
+
+    #[test]
+    fn damage_at_the_end_of_a_file_with_later_files_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let recs: Vec<Record> = (0..3).map(|e| add(1, e, 50)).collect();
+        let (path, ends) = write_file(dir.path(), &recs);
+        let mut data = std::fs::read(&path).unwrap();
+        data[ends[2] as usize - 3] ^= 1;
+        std::fs::write(&path, &data).unwrap();
+        // Alone, it is a torn tail: the first two records replay.
+        assert_eq!(replay_all(dir.path(), LogMark::START), recs[..2].to_vec());
+        // With a later file holding batches, it cannot be a torn tail.
+        let mut next = header(2);
+        Record::Batch {
+            seq: 0,
+            bytes: recs[0].frame_len() as u64,
+        }
+        .encode_into(&mut next);
+        recs[0].encode_into(&mut next);
+        std::fs::write(dir.path().join(file_name(2)), &next).unwrap();
+        let err = replay(dir.path(), LogMark::START, |_, _| Ok(())).unwrap_err();
+        assert!(err.to_string().contains("refusing to start"), "{err}");
     }
 
     #[tokio::test]
