@@ -29,6 +29,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+/// Longest wait for room in the journal queue, or for a journal write to become durable, before
+/// a request fails (a healthy disk answers in milliseconds; this catches a dying one).
+const JOURNAL_WAIT_MAX: Duration = Duration::from_secs(30);
+
 /// One entry to add, as received.
 #[derive(Debug, Clone)]
 pub struct AddRequest {
@@ -334,11 +338,7 @@ impl Bookie {
             master_key: req.master_key,
             body: req.body,
         };
-        let reservation = self
-            .journal
-            .reserve(record.frame_len())
-            .await
-            .map_err(journal_error)?;
+        let reservation = self.reserve(record.frame_len()).await?;
         self.storage.wait_for_room(req.ledger_id).await?;
         Ok(PreparedAdd {
             ledger,
@@ -395,11 +395,7 @@ impl Bookie {
         record: Record,
         apply: impl FnOnce(&mut crate::ledger::LedgerInner),
     ) -> Result<()> {
-        let reservation = self
-            .journal
-            .reserve(record.frame_len())
-            .await
-            .map_err(journal_error)?;
+        let reservation = self.reserve(record.frame_len()).await?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         {
             let mut g = st.inner.lock();
@@ -412,9 +408,29 @@ impl Bookie {
                 }),
             );
         }
-        rx.await
-            .map_err(|_| BookieError::ShuttingDown)?
+        Self::durable(rx).await
+    }
+
+    /// Waits (bounded) for room in the journal queue.
+    async fn reserve(&self, bytes: usize) -> Result<journal::Reservation> {
+        tokio::time::timeout(JOURNAL_WAIT_MAX, self.journal.reserve(bytes))
+            .await
+            .map_err(|_| BookieError::TooManyRequests("journal queue full"))?
             .map_err(journal_error)
+    }
+
+    /// Waits (bounded) for a submitted journal write to become durable.
+    async fn durable(
+        rx: tokio::sync::oneshot::Receiver<std::result::Result<(), JournalError>>,
+    ) -> Result<()> {
+        match tokio::time::timeout(JOURNAL_WAIT_MAX, rx).await {
+            Err(_) => Err(BookieError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "journal write not durable after 30 s",
+            ))),
+            Ok(Err(_)) => Err(BookieError::ShuttingDown),
+            Ok(Ok(r)) => r.map_err(journal_error),
+        }
     }
 
     /// Fences a ledger (creating it, keyed, when unknown, so a stale writer can never start it
@@ -570,13 +586,21 @@ impl Bookie {
     /// Deletes a ledger's entries and state. Deleting an unknown ledger succeeds (idempotent).
     pub async fn delete(self: &Arc<Self>, ledger_id: u64) -> Result<()> {
         self.check_serving()?;
-        if self.ledgers.remove(ledger_id).is_none() {
+        if !self.ledgers.contains(ledger_id) {
             return Ok(());
         }
-        self.journal
-            .write(vec![Record::Delete { ledger_id }])
-            .await
-            .map_err(journal_error)?;
+        // Durable first, then gone: a failed journal write leaves the ledger whole (a retry
+        // journals again), and replay meets the Delete after the ledger's earlier records.
+        let rec = Record::Delete { ledger_id };
+        let reservation = self.reserve(rec.frame_len()).await?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.journal.submit(
+            reservation,
+            std::slice::from_ref(&rec),
+            Box::new(move |r| drop(tx.send(r))),
+        );
+        Self::durable(rx).await?;
+        self.ledgers.remove(ledger_id);
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.storage.delete_ledger(ledger_id))
             .await

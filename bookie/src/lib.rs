@@ -53,8 +53,14 @@ pub async fn start(cfg: BookieConfig) -> Result<Running, BookieError> {
     let mut stop = rx.clone();
     tasks.push(tokio::spawn(async move {
         // Small add results must not wait for Nagle's algorithm.
-        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(std::time::Duration::from_secs(60)));
+        // HTTP/2 pings find peers that vanished without closing, so their streams end.
         let r = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+            .max_concurrent_streams(Some(1024))
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;

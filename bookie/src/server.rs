@@ -32,9 +32,10 @@ impl BookieService {
         Self { bookie }
     }
 
-    /// The tonic server for this service, with message limits sized for batched adds.
+    /// The tonic server for this service. One request message carries at most the largest entry
+    /// plus 1 MiB (clients split bigger batches), which bounds what a stream holds while it waits.
     pub fn into_server(self) -> BookieServer<Self> {
-        let max = self.bookie.config().entry_size_max_bytes * 2 + (16 << 20);
+        let max = self.bookie.config().entry_size_max_bytes + (1 << 20);
         BookieServer::new(self)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max)

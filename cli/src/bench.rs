@@ -65,6 +65,9 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 
 /// Entries sent in one add-stream message at most.
 const BATCH_MAX: usize = 128;
+/// Payload bytes in one add-stream message at most (the bookie caps a message at its largest
+/// entry plus 1 MiB).
+const BATCH_BYTES_MAX: usize = 512 << 10;
 
 async fn bench_bookie(args: BookieBench) -> anyhow::Result<()> {
     anyhow::ensure!(args.in_flight > 0, "--in-flight must be positive");
@@ -112,7 +115,7 @@ async fn bench_bookie(args: BookieBench) -> anyhow::Result<()> {
                 };
                 first.forget();
                 let mut n = 1;
-                while n < BATCH_MAX {
+                while n < BATCH_MAX && (n + 1) * payload.len() <= BATCH_BYTES_MAX {
                     match window.try_acquire() {
                         Ok(p) => {
                             p.forget();

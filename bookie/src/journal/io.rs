@@ -74,6 +74,29 @@ impl UringIo {
     }
 }
 
+impl UringIo {
+    /// Submits and waits for `n` completions. A signal (EINTR) only interrupts the wait, never
+    /// the operations, so it is retried; on any other error the operations may still be running
+    /// in the kernel and reading `buf`, so this keeps waiting (bounded) for them before giving up.
+    fn wait(&mut self, n: usize) -> io::Result<()> {
+        let mut last = None;
+        for _ in 0..1000 {
+            match self.ring.submit_and_wait(n) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    last = Some(e);
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+            if self.ring.completion().len() >= n {
+                return Ok(());
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("io_uring wait kept failing")))
+    }
+}
+
 impl JournalIo for UringIo {
     fn name(&self) -> &'static str {
         "io_uring"
@@ -116,12 +139,12 @@ impl JournalIo for UringIo {
                         .map_err(|_| io::Error::other("io_uring submission queue full"))?;
                 }
             }
-            self.ring.submit_and_wait(ops.len())?;
             let mut seen = 0;
             let mut failure = None;
+            self.wait(ops.len())?;
             while seen < ops.len() {
                 let Some(cqe) = self.ring.completion().next() else {
-                    self.ring.submit_and_wait(1)?;
+                    self.wait(1)?;
                     continue;
                 };
                 seen += 1;

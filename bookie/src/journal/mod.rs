@@ -82,8 +82,26 @@ pub type Callback = Box<dyn FnOnce(Result<(), JournalError>) + Send>;
 struct Pending {
     frames: Vec<u8>,
     count: usize,
-    callback: Callback,
+    /// Taken when run; a pending record dropped unrun (the channel dropped at shutdown) is told
+    /// `Closed`, so every callback runs exactly once.
+    callback: Option<Callback>,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Pending {
+    fn complete(mut self, r: Result<(), JournalError>) {
+        if let Some(cb) = self.callback.take() {
+            cb(r);
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(cb) = self.callback.take() {
+            cb(Err(JournalError::Closed));
+        }
+    }
 }
 
 enum Msg {
@@ -575,7 +593,7 @@ impl Writer {
             self.metrics.journal_batch_records.observe(records as f64);
             self.metrics.journal_batch_bytes.observe(buf.len() as f64);
             for p in batch.drain(..) {
-                (p.callback)(result.clone());
+                p.complete(result.clone());
             }
             if buf.capacity() > self.cfg.max_batch_bytes * 4 {
                 buf = Vec::with_capacity(self.cfg.max_batch_bytes * 2);
@@ -584,7 +602,7 @@ impl Writer {
         // Whatever is still queued after a shutdown request fails rather than hanging.
         while let Ok(m) = rx.try_recv() {
             if let Msg::Write(p) = m {
-                (p.callback)(Err(JournalError::Closed));
+                p.complete(Err(JournalError::Closed));
             }
         }
         if let Err(e) = self.file.sync_all() {
@@ -668,11 +686,11 @@ impl Journal {
         let msg = Msg::Write(Pending {
             frames,
             count: records.len(),
-            callback,
+            callback: Some(callback),
             _permit: reservation.permit,
         });
         if let Err(crossbeam_channel::SendError(Msg::Write(p))) = self.tx.send(msg) {
-            (p.callback)(Err(JournalError::Closed));
+            p.complete(Err(JournalError::Closed));
         }
     }
 

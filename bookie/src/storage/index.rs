@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! index/<ledger id as 16 hex digits>.idx
-//!   0   64-byte header: magic "QIDX" | version u32 LE | ledger id u64 LE | crc32c(0..16) u32 LE | zeros
+//!   0   64-byte header: magic "QIDX" | version u32 LE | ledger id u64 LE | crc32c(0..16) u32 LE |
+//!       (at 24) highest entry id + 1, 0 when none, u64 LE | (at 32) crc32c(24..32) u32 LE | zeros
 //!   64  slot e at 64 + 16*e: log id u32 | offset u32 | payload len u32 | crc32c(ledger|entry|first 12 bytes) u32
 //! ```
 //!
@@ -66,8 +67,9 @@ pub struct LedgerIndex {
     ledger: u64,
     file: File,
     map: MmapMut,
-    /// Byte range written since the last sync.
+    /// Slot byte range written since the last sync.
     dirty: Option<(usize, usize)>,
+    header_dirty: bool,
 }
 
 impl LedgerIndex {
@@ -83,6 +85,8 @@ impl LedgerIndex {
                 h[8..16].copy_from_slice(&ledger.to_le_bytes());
                 let crc = crc32c::crc32c(&h[0..16]);
                 h[16..20].copy_from_slice(&crc.to_le_bytes());
+                let crc = crc32c::crc32c(&h[24..32]);
+                h[32..36].copy_from_slice(&crc.to_le_bytes());
                 crate::durable::create_file(&path, |f| {
                     f.set_len((HEADER_LEN + INITIAL_SLOTS * SLOT) as u64)?;
                     use std::os::unix::fs::FileExt;
@@ -120,6 +124,7 @@ impl LedgerIndex {
             file,
             map,
             dirty: None,
+            header_dirty: false,
         }))
     }
 
@@ -166,6 +171,14 @@ impl LedgerIndex {
             self.map = unsafe { MmapMut::map_mut(&self.file)? };
         }
         let at = HEADER_LEN + entry as usize * SLOT;
+        if self.high_water().is_none_or(|h| entry >= h) {
+            // Kept in the header so that finding the last entry never scans a sparse file.
+            let h = entry + 1;
+            self.map[24..32].copy_from_slice(&h.to_le_bytes());
+            let crc = crc32c::crc32c(&self.map[24..32]);
+            self.map[32..36].copy_from_slice(&crc.to_le_bytes());
+            self.header_dirty = true;
+        }
         let mut s = [0u8; SLOT];
         s[0..4].copy_from_slice(&loc.log_id.to_le_bytes());
         s[4..8].copy_from_slice(&loc.offset.to_le_bytes());
@@ -181,7 +194,7 @@ impl LedgerIndex {
     }
 
     pub fn is_dirty(&self) -> bool {
-        self.dirty.is_some()
+        self.dirty.is_some() || self.header_dirty
     }
 
     /// Makes every slot written so far durable.
@@ -189,11 +202,27 @@ impl LedgerIndex {
         if let Some((a, b)) = self.dirty.take() {
             self.map.flush_range(a, b - a)?;
         }
+        if std::mem::take(&mut self.header_dirty) {
+            self.map.flush_range(0, HEADER_LEN)?;
+        }
         Ok(())
     }
 
-    /// The highest entry id present, scanning back from the end.
+    /// Highest entry id + 1 recorded in the header; `None` when that field fails its checksum.
+    fn high_water(&self) -> Option<u64> {
+        let v = &self.map[24..32];
+        let crc = u32::from_le_bytes(self.map[32..36].try_into().expect("4"));
+        (crc32c::crc32c(v) == crc).then(|| u64::from_le_bytes(v.try_into().expect("8")))
+    }
+
+    /// The highest entry id present: from the header, or (when the header field is damaged)
+    /// by scanning back from the end.
     pub fn last_entry(&self) -> Option<u64> {
+        match self.high_water() {
+            Some(0) => return None,
+            Some(h) if h <= self.slots() as u64 => return Some(h - 1),
+            _ => {}
+        }
         (0..self.slots())
             .rev()
             .find(|e| {
