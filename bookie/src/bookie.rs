@@ -331,7 +331,6 @@ impl Bookie {
                 header.ledger_id, header.entry_id, req.ledger_id, req.entry_id
             )));
         }
-        let ledger = self.ledgers.get_or_create(req.ledger_id, &req.master_key);
         let record = Record::Add {
             ledger_id: req.ledger_id,
             entry_id: req.entry_id,
@@ -340,6 +339,12 @@ impl Bookie {
         };
         let reservation = self.reserve(record.frame_len()).await?;
         self.storage.wait_for_room(req.ledger_id).await?;
+        // Only now, with room secured, may the add create the ledger (so a throttled add leaves
+        // no keyed, empty ledger behind).
+        let Record::Add { master_key, .. } = &record else {
+            unreachable!("built above")
+        };
+        let ledger = self.ledgers.get_or_create(req.ledger_id, master_key);
         Ok(PreparedAdd {
             ledger,
             reservation,
