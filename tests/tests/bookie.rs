@@ -1601,23 +1601,32 @@ fn journal_data_end(file: &Path) -> usize {
         + 1
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn torn_journal_tail_is_cut_off_not_served() {
-    // Only the start-up checkpoint: everything below lives in the journal alone.
+/// Writes entries 0..30 of ledger `l` (one per request, in order) to a bookie that only
+/// checkpoints at start-up, then kills it with SIGKILL: the entries live in the journal alone.
+async fn thirty_entries_only_in_the_journal(
+    name: &str,
+    l: u64,
+    max_len: usize,
+) -> (BookieProcess, u64) {
     let mut bookie = BookieProcess::start(
-        BookieOpts::new("torn-journal").config("[storage]\nflush_interval_ms = 600000\n"),
+        BookieOpts::new(name).config("[storage]\nflush_interval_ms = 600000\n"),
     )
     .await;
     let seed = seed();
-    const MAX_LEN: usize = 700;
-    const L: u64 = 110;
     let mut client = bookie.client().await;
-    // One entry per request on one stream: the journal holds them in order, 29 last.
     let entries = (0..30)
-        .map(|e| add_entry(L, e, KEY, body_for(seed, L, e, MAX_LEN)))
+        .map(|e| add_entry(l, e, KEY, body_for(seed, l, e, max_len)))
         .collect();
     assert_all_ok(&add_all(&mut client, entries, 1).await);
     bookie.kill9();
+    (bookie, seed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_journal_tail_is_cut_off_not_served() {
+    const MAX_LEN: usize = 700;
+    const L: u64 = 110;
+    let (mut bookie, seed) = thirty_entries_only_in_the_journal("torn-journal", L, MAX_LEN).await;
 
     // Tear the last record: damage its final byte, as a write cut short would.
     let mut files: Vec<PathBuf> = std::fs::read_dir(bookie.journal_dir())
@@ -1666,19 +1675,9 @@ async fn torn_journal_tail_is_cut_off_not_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_record_inside_the_journal_is_not_silently_truncated() {
-    let mut bookie = BookieProcess::start(
-        BookieOpts::new("journal-bitrot").config("[storage]\nflush_interval_ms = 600000\n"),
-    )
-    .await;
-    let seed = seed();
     const MAX_LEN: usize = 700;
     const L: u64 = 120;
-    let mut client = bookie.client().await;
-    let entries = (0..30)
-        .map(|e| add_entry(L, e, KEY, body_for(seed, L, e, MAX_LEN)))
-        .collect();
-    assert_all_ok(&add_all(&mut client, entries, 1).await);
-    bookie.kill9();
+    let (mut bookie, seed) = thirty_entries_only_in_the_journal("journal-bitrot", L, MAX_LEN).await;
 
     // Rot one payload byte of entry 10; the records of entries 11..29 after it stay intact.
     let mut hits = Vec::new();
