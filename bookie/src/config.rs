@@ -30,6 +30,10 @@ pub struct BookieConfig {
     pub entry_size_max_bytes: usize,
     /// Adds in flight on one add stream before the bookie stops reading it. Default: 10000.
     pub stream_in_flight_max: usize,
+    /// Add streams open at once over all connections; more are refused with TOO_MANY_REQUESTS.
+    /// With the per-message cap (largest entry + 1 MiB) this bounds the memory of requests
+    /// waiting to be read. Default: 256.
+    pub add_streams_max: usize,
     pub journal: JournalConfig,
     pub storage: StorageConfig,
     pub disk: DiskConfig,
@@ -105,6 +109,7 @@ impl Default for BookieConfig {
             http: "127.0.0.1:8000".parse().expect("valid"),
             entry_size_max_bytes: 5 << 20,
             stream_in_flight_max: 10_000,
+            add_streams_max: 256,
             journal: JournalConfig::default(),
             storage: StorageConfig::default(),
             disk: DiskConfig::default(),
@@ -243,8 +248,8 @@ impl BookieConfig {
         if self.journal.prealloc_bytes == 0 || self.journal.max_batch_bytes == 0 {
             return bad("journal sizes must be positive".into());
         }
-        if self.stream_in_flight_max == 0 {
-            return bad("stream_in_flight_max must be positive".into());
+        if self.stream_in_flight_max == 0 || self.add_streams_max == 0 {
+            return bad("stream_in_flight_max and add_streams_max must be positive".into());
         }
         Ok(())
     }

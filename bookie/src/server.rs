@@ -25,11 +25,14 @@ const RESULTS_PER_RESPONSE: usize = 4096;
 
 pub struct BookieService {
     bookie: Arc<Bookie>,
+    /// One permit per open add stream.
+    streams: Arc<Semaphore>,
 }
 
 impl BookieService {
     pub fn new(bookie: Arc<Bookie>) -> Self {
-        Self { bookie }
+        let streams = Arc::new(Semaphore::new(bookie.config().add_streams_max));
+        Self { bookie, streams }
     }
 
     /// The tonic server for this service. One request message carries at most the largest entry
@@ -95,11 +98,18 @@ impl BookieApi for BookieService {
         &self,
         request: Request<Streaming<pb::AddRequest>>,
     ) -> Result<Response<Self::AddStream>, Status> {
+        let stream_permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+            quire_proto::status::to_status(
+                StatusCode::TooManyRequests,
+                "too many add streams open on this bookie",
+            )
+        })?;
         let mut inbound = request.into_inner();
         let in_flight = Arc::new(Semaphore::new(self.bookie.config().stream_in_flight_max));
         let (done_tx, done_rx) = mpsc::unbounded_channel::<(pb::AddResult, OwnedSemaphorePermit)>();
         let bookie = self.bookie.clone();
         tokio::spawn(async move {
+            let _stream_permit = stream_permit;
             loop {
                 let msg = match inbound.message().await {
                     Ok(Some(m)) => m,

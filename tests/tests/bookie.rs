@@ -1764,3 +1764,45 @@ async fn crash_while_creating_an_entry_log_does_not_prevent_restart() {
     let client = bookie.client().await;
     verify_ledgers(&client, seed, &[L], 50, MAX_LEN, "after the crash").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_streams_beyond_the_limit_are_refused_and_freed_on_close() {
+    let bookie =
+        BookieProcess::start(BookieOpts::new("stream-limit").config("add_streams_max = 2\n")).await;
+    let seed = seed();
+    let mut client = bookie.client().await;
+    let mut a = AddStream::open(&mut client).await;
+    let b = AddStream::open(&mut client).await;
+    // Each stream is really open on the bookie once an add on it has been answered.
+    assert!(
+        a.send(vec![add_entry(1, 0, KEY, body_for(seed, 1, 0, 100))])
+            .await
+    );
+    let first = a.next().await.expect("result").expect("open");
+    assert_eq!(code(&first[0]), StatusCode::Ok);
+    assert!(
+        b.send(vec![add_entry(2, 0, KEY, body_for(seed, 2, 0, 100))])
+            .await
+    );
+    let mut b = b;
+    let first = b.next().await.expect("result").expect("open");
+    assert_eq!(code(&first[0]), StatusCode::Ok);
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<AddRequest>(1);
+    let err = rpc(client.add(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .await
+        .expect_err("a third stream is refused");
+    assert_eq!(err.code, StatusCode::TooManyRequests, "{err:?}");
+    drop(tx);
+
+    // Closing one frees its slot.
+    a.finish();
+    assert!(a.next().await.expect("clean end").is_none());
+    let mut c = AddStream::open(&mut client).await;
+    assert!(
+        c.send(vec![add_entry(3, 0, KEY, body_for(seed, 3, 0, 100))])
+            .await
+    );
+    let r = c.next().await.expect("result").expect("open");
+    assert_eq!(code(&r[0]), StatusCode::Ok);
+}
