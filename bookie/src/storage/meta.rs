@@ -195,6 +195,40 @@ pub fn read_ledgers(dir: &Path) -> Result<Vec<LedgerMeta>, crate::BookieError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn arb_meta() -> impl Strategy<Value = LedgerMeta> {
+        let bytes = |n| proptest::collection::vec(any::<u8>(), 0..n).prop_map(Bytes::from);
+        (
+            any::<u64>(),
+            bytes(MASTER_KEY_MAX + 1),
+            any::<bool>(),
+            any::<i64>(),
+            proptest::option::of((any::<i64>(), bytes(200))),
+        )
+            .prop_map(
+                |(ledger_id, master_key, fenced, lac, explicit_lac)| LedgerMeta {
+                    ledger_id,
+                    master_key,
+                    fenced,
+                    lac,
+                    explicit_lac,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn any_ledger_list_round_trips(ls in proptest::collection::vec(arb_meta(), 0..20)) {
+            prop_assert_eq!(decode_ledgers(&encode_ledgers(&ls)).unwrap(), ls);
+        }
+
+        #[test]
+        fn garbage_never_panics(raw in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_ledgers(&raw);
+            let _ = decode_mark(&raw);
+        }
+    }
 
     #[test]
     fn ledgers_round_trip_and_damage_is_caught() {
