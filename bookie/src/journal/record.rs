@@ -81,16 +81,6 @@ pub enum DecodeError {
 }
 
 impl Record {
-    pub fn ledger_id(&self) -> u64 {
-        match self {
-            Record::Add { ledger_id, .. }
-            | Record::Fence { ledger_id, .. }
-            | Record::ExplicitLac { ledger_id, .. }
-            | Record::Delete { ledger_id } => *ledger_id,
-            Record::Batch { .. } => 0,
-        }
-    }
-
     /// Size of the encoded frame.
     pub fn frame_len(&self) -> usize {
         FRAME_HEADER
