@@ -2,7 +2,10 @@
 //! needs no `protoc` on the machine.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/quire/bookie/v1/bookie.proto"];
+    let files = [
+        "proto/quire/bookie/v1/bookie.proto",
+        "proto/quire/metadata/v1/metadata.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

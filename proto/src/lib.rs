@@ -11,4 +11,10 @@ pub mod bookie {
     tonic::include_proto!("quire.bookie.v1");
 }
 
+/// The metadata API, generated from `proto/quire/metadata/v1/metadata.proto`.
+pub mod metadata {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("quire.metadata.v1");
+}
+
 pub use bookie::StatusCode;

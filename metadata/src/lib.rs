@@ -1,0 +1,17 @@
+//! Quire's metadata service (DESIGN.md §4): one versioned key-value contract
+//! ([`store::MetadataStore`]) with several backends, and typed layers above it.
+//!
+//! Backends:
+//! - in-memory and embedded (`file:///path`): a single-voter raft node in this process, its log
+//!   and snapshots in memory or in a directory (so the embedded store is crash-safe the same way
+//!   the cluster is);
+//! - raft (`quire://host:port,...`): `quire metadata` servers forming an openraft cluster, reached
+//!   through [`client::RemoteStore`];
+//! - etcd (`etcd://host:port,...`, cargo feature `etcd`): the same contract over etcd v3.
+
+pub mod state;
+pub mod store;
+
+pub use store::{
+    DynStore, KeyValue, LeaseId, ListPage, MetaError, MetadataStore, Watch, WatchEvent, WatchTarget,
+};
