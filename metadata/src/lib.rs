@@ -9,8 +9,12 @@
 //!   through [`client::RemoteStore`];
 //! - etcd (`etcd://host:port,...`, cargo feature `etcd`): the same contract over etcd v3.
 
+pub mod local;
+pub mod raft;
 pub mod state;
 pub mod store;
+pub mod watch;
+pub mod wire;
 
 pub use store::{
     DynStore, KeyValue, LeaseId, ListPage, MetaError, MetadataStore, Watch, WatchEvent, WatchTarget,

@@ -519,7 +519,7 @@ mod tests {
                         let (r, _) = s.apply(&Command::Cas { key: key.clone(), value: Bytes::from(vec![v]), expected: e });
                         match model.get_mut(&key) {
                             Some(m) if m.1 == e => { prop_assert!(matches!(r, Response::Ok(_))); *m = (v, e + 1); }
-                            Some(_) => prop_assert!(matches!(r, Response::Err(ApplyError::BadVersion { .. }))),
+                            Some(_) => prop_assert!(matches!(r, Response::Err(ApplyError::BadVersion { .. })), "expected BadVersion, got {:?}", r),
                             None => prop_assert!(matches!(r, Response::Err(ApplyError::NotFound(_)))),
                         }
                     }
@@ -528,7 +528,7 @@ mod tests {
                         let (r, _) = s.apply(&Command::Delete { key: key.clone(), expected: e });
                         match model.get(&key) {
                             Some(m) if e.is_none() || e == Some(m.1) => { prop_assert!(matches!(r, Response::Ok(_))); model.remove(&key); }
-                            Some(_) => prop_assert!(matches!(r, Response::Err(ApplyError::BadVersion { .. }))),
+                            Some(_) => prop_assert!(matches!(r, Response::Err(ApplyError::BadVersion { .. })), "expected BadVersion, got {:?}", r),
                             None => prop_assert!(matches!(r, Response::Err(ApplyError::NotFound(_)))),
                         }
                     }

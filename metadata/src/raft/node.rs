@@ -1,0 +1,465 @@
+//! A metadata node: one openraft member plus what the store API needs around it.
+//!
+//! - Writes go through the raft log; a follower forwards them to the leader (`Propose`), once:
+//!   the leader never forwards again, so a leader change mid-request surfaces as a retryable or
+//!   ambiguous error rather than a loop.
+//! - Reads are linearizable on every node (ReadIndex): the node learns the leader's commit index
+//!   after the leader confirmed its leadership with a heartbeat round, waits until it has applied
+//!   that far, then reads its own state.
+//! - Leases: the leader alone keeps their deadlines, in memory. A new leader gives every lease a
+//!   full TTL from the moment it takes over (as etcd does), so a leader change never expires a
+//!   live session early; an expired lease is revoked through the log, deleting its keys on every
+//!   replica at the same point.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
+use parking_lot::Mutex;
+use quire_proto::metadata as pb;
+use quire_proto::metadata::metadata_client::MetadataClient;
+use tonic::transport::Channel;
+
+use super::log_store::LogStore;
+use super::network::{self, Network};
+use super::state_machine::{Shared, StateMachine};
+use super::{Node, NodeId, Raft};
+use crate::state::{Command, KvState, Output};
+use crate::store::{LeaseId, MetaError, Result, Watch, WatchTarget};
+use crate::wire;
+
+/// How long a write or read waits for the cluster before giving up.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the leader checks lease deadlines.
+const LEASE_TICK: Duration = Duration::from_millis(100);
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    /// Where this node listens for peers (empty for a node without network).
+    pub addr: String,
+    /// Every member of the initial cluster (including this node): used by `init`.
+    pub peers: BTreeMap<NodeId, String>,
+    /// Log and snapshot directory; `None` keeps everything in memory.
+    pub dir: Option<PathBuf>,
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: (u64, u64),
+    pub snapshot_every: u64,
+}
+
+impl NodeConfig {
+    pub fn single(dir: Option<PathBuf>) -> Self {
+        NodeConfig {
+            id: 1,
+            addr: String::new(),
+            peers: BTreeMap::from([(1, String::new())]),
+            dir,
+            heartbeat_ms: 100,
+            election_timeout_ms: (300, 600),
+            snapshot_every: 20_000,
+        }
+    }
+}
+
+pub struct MetaNode {
+    pub id: NodeId,
+    pub raft: Raft,
+    sm: Arc<Shared>,
+    log: LogStore,
+    peers: BTreeMap<NodeId, String>,
+    /// Lease deadlines, kept by the leader only.
+    deadlines: Mutex<HashMap<LeaseId, Instant>>,
+    clients: Mutex<HashMap<String, MetadataClient<Channel>>>,
+    ticker: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+fn storage_err(e: impl std::fmt::Display) -> MetaError {
+    MetaError::Storage(e.to_string())
+}
+
+impl MetaNode {
+    pub async fn start(cfg: NodeConfig) -> Result<Arc<Self>> {
+        if let Some(d) = &cfg.dir {
+            std::fs::create_dir_all(d)
+                .map_err(|e| MetaError::Storage(format!("{}: {e}", d.display())))?;
+        }
+        let log = match &cfg.dir {
+            Some(d) => LogStore::open(d).map_err(storage_err)?,
+            None => LogStore::memory(),
+        };
+        let sm = StateMachine::open(cfg.dir.clone()).map_err(storage_err)?;
+        let shared = sm.shared.clone();
+        let config = Config {
+            cluster_name: "quire-metadata".into(),
+            heartbeat_interval: cfg.heartbeat_ms,
+            election_timeout_min: cfg.election_timeout_ms.0,
+            election_timeout_max: cfg.election_timeout_ms.1,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
+            max_in_snapshot_log_to_keep: 1000,
+            max_payload_entries: 1000,
+            install_snapshot_timeout: 5000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| MetaError::InvalidArgument(format!("raft config: {e}")))?;
+        let raft = Raft::new(cfg.id, Arc::new(config), Network, log.clone(), sm)
+            .await
+            .map_err(|e| MetaError::Internal(format!("raft start: {e}")))?;
+        let node = Arc::new(MetaNode {
+            id: cfg.id,
+            raft,
+            sm: shared,
+            log,
+            peers: cfg.peers,
+            deadlines: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
+            ticker: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&node);
+        *node.ticker.lock() = Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LEASE_TICK);
+            loop {
+                tick.tick().await;
+                let Some(node) = weak.upgrade() else { return };
+                node.expire_leases().await;
+            }
+        }));
+        Ok(node)
+    }
+
+    /// Starts a single-voter node (embedded or in-memory store) and waits until it leads.
+    pub async fn start_single(dir: Option<PathBuf>) -> Result<Arc<Self>> {
+        let node = Self::start(NodeConfig::single(dir)).await?;
+        if !node
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| MetaError::Internal(e.to_string()))?
+        {
+            node.init().await?;
+        }
+        node.raft
+            .wait(Some(REQUEST_TIMEOUT))
+            .current_leader(node.id, "single node elects itself")
+            .await
+            .map_err(|e| MetaError::Unavailable(format!("embedded store did not start: {e}")))?;
+        Ok(node)
+    }
+
+    /// Creates the cluster from the configured peers. Run once, on one node.
+    pub async fn init(&self) -> Result<()> {
+        let members: BTreeMap<NodeId, Node> = self
+            .peers
+            .iter()
+            .map(|(id, addr)| (*id, Node { addr: addr.clone() }))
+            .collect();
+        self.raft.initialize(members).await.map_err(|e| match e {
+            RaftError::APIError(e) => MetaError::InvalidArgument(format!("init: {e}")),
+            RaftError::Fatal(e) => MetaError::Unavailable(format!("init: {e}")),
+        })
+    }
+
+    pub async fn shutdown(&self) {
+        if let Some(t) = self.ticker.lock().take() {
+            t.abort();
+        }
+        let _ = self.raft.shutdown().await;
+    }
+
+    fn leader_client(&self, addr: &str) -> Result<MetadataClient<Channel>> {
+        let mut g = self.clients.lock();
+        if let Some(c) = g.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = network::client(addr)
+            .map_err(|e| MetaError::Unavailable(format!("leader {addr}: {e}")))?;
+        g.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+    }
+
+    /// The leader's address, when known and not this node.
+    fn leader_addr(&self) -> Result<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m
+            .current_leader
+            .ok_or_else(|| MetaError::Unavailable("no leader elected".into()))?;
+        if leader == self.id {
+            return Err(MetaError::Unavailable("leadership changing".into()));
+        }
+        m.membership_config
+            .nodes()
+            .find(|(id, _)| **id == leader)
+            .map(|(_, n)| n.addr.clone())
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| MetaError::Unavailable(format!("leader {leader} has no address")))
+    }
+
+    /// Applies a command through the log, forwarding to the leader when needed.
+    pub async fn write(&self, cmd: Command) -> Result<Output> {
+        match self.write_local(cmd.clone()).await {
+            Err(MetaError::Unavailable(m)) if m == NOT_LEADER => self.forward(cmd).await,
+            other => other,
+        }
+    }
+
+    /// Applies a command if this node leads; `Unavailable(NOT_LEADER)` otherwise.
+    pub async fn write_local(&self, cmd: Command) -> Result<Output> {
+        let res = tokio::time::timeout(REQUEST_TIMEOUT, self.raft.client_write(cmd)).await;
+        match res {
+            Err(_) => Err(MetaError::Ambiguous("raft write timed out".into())),
+            Ok(Ok(r)) => r.data.into_result(),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                Err(MetaError::Unavailable(NOT_LEADER.into()))
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                Err(MetaError::InvalidArgument(e.to_string()))
+            }
+            Ok(Err(RaftError::Fatal(e))) => {
+                Err(MetaError::Unavailable(format!("raft stopped: {e}")))
+            }
+        }
+    }
+
+    async fn forward(&self, cmd: Command) -> Result<Output> {
+        let addr = self.leader_addr()?;
+        let mut c = self.leader_client(&addr)?;
+        let payload = postcard::to_stdvec(&cmd).map_err(|e| MetaError::Internal(e.to_string()))?;
+        let mut req = tonic::Request::new(pb::RaftRequest {
+            kind: "command".into(),
+            payload: payload.into(),
+        });
+        req.set_timeout(REQUEST_TIMEOUT);
+        let reply = c
+            .propose(req)
+            .await
+            .map_err(|s| wire::from_status(&s, true))?
+            .into_inner();
+        postcard::from_bytes::<Output>(&reply.payload)
+            .map_err(|e| MetaError::Internal(format!("forwarded reply: {e}")))
+    }
+
+    /// The index a linearizable read must wait for; asks the leader when this node follows.
+    pub async fn read_index(&self) -> Result<u64> {
+        match self.raft.get_read_log_id().await {
+            Ok((read, _)) => Ok(read.map(|l| l.index).unwrap_or(0)),
+            Err(RaftError::APIError(_)) => {
+                let addr = self.leader_addr()?;
+                let mut c = self.leader_client(&addr)?;
+                let mut req = tonic::Request::new(pb::RaftRequest {
+                    kind: "read_index".into(),
+                    payload: Default::default(),
+                });
+                req.set_timeout(REQUEST_TIMEOUT);
+                let reply = c
+                    .propose(req)
+                    .await
+                    .map_err(|s| wire::from_status(&s, false))?
+                    .into_inner();
+                postcard::from_bytes::<u64>(&reply.payload)
+                    .map_err(|e| MetaError::Internal(e.to_string()))
+            }
+            Err(RaftError::Fatal(e)) => Err(MetaError::Unavailable(format!("raft stopped: {e}"))),
+        }
+    }
+
+    /// The leader's read index, without forwarding (served to followers).
+    pub async fn leader_read_index(&self) -> Result<u64> {
+        match self.raft.get_read_log_id().await {
+            Ok((read, _)) => Ok(read.map(|l| l.index).unwrap_or(0)),
+            Err(_) => Err(MetaError::Unavailable(NOT_LEADER.into())),
+        }
+    }
+
+    /// Runs `f` on the state once everything committed before the call is applied here.
+    pub async fn read<T>(&self, f: impl FnOnce(&KvState) -> T) -> Result<T> {
+        let index = self.read_index().await?;
+        if index > 0 {
+            self.raft
+                .wait(Some(REQUEST_TIMEOUT))
+                .applied_index_at_least(Some(index), "linearizable read")
+                .await
+                .map_err(|e| MetaError::Unavailable(format!("read: {e}")))?;
+        }
+        Ok(f(&self.sm.data.read().kv))
+    }
+
+    pub fn watch(&self, target: WatchTarget) -> Result<Watch> {
+        self.sm.hub.subscribe(target)
+    }
+
+    pub async fn grant_lease(&self, ttl: Duration) -> Result<(LeaseId, u64)> {
+        let ttl_ms = ttl.as_millis() as u64;
+        match self.write(Command::GrantLease { ttl_ms }).await? {
+            Output::Lease { id, ttl_ms } => {
+                if self.is_leader() {
+                    self.deadlines
+                        .lock()
+                        .insert(id, Instant::now() + Duration::from_millis(ttl_ms));
+                }
+                Ok((id, ttl_ms))
+            }
+            other => Err(MetaError::Internal(format!(
+                "grant lease returned {other:?}"
+            ))),
+        }
+    }
+
+    /// Renews a lease on the leader (forwarding if needed); returns its TTL in milliseconds.
+    pub async fn keep_alive(&self, lease: LeaseId) -> Result<u64> {
+        match self.keep_alive_local(lease).await {
+            Err(MetaError::Unavailable(m)) if m == NOT_LEADER => {
+                let addr = self.leader_addr()?;
+                let mut c = self.leader_client(&addr)?;
+                let mut req = tonic::Request::new(pb::RaftRequest {
+                    kind: "keepalive".into(),
+                    payload: postcard::to_stdvec(&lease)
+                        .map_err(|e| MetaError::Internal(e.to_string()))?
+                        .into(),
+                });
+                req.set_timeout(REQUEST_TIMEOUT);
+                let reply = c
+                    .propose(req)
+                    .await
+                    .map_err(|s| wire::from_status(&s, false))?
+                    .into_inner();
+                postcard::from_bytes::<u64>(&reply.payload)
+                    .map_err(|e| MetaError::Internal(e.to_string()))
+            }
+            other => other,
+        }
+    }
+
+    pub async fn keep_alive_local(&self, lease: LeaseId) -> Result<u64> {
+        // Confirms leadership and that everything committed (the grant) is applied here.
+        let index = self.leader_read_index().await?;
+        self.raft
+            .wait(Some(REQUEST_TIMEOUT))
+            .applied_index_at_least(Some(index), "keep-alive")
+            .await
+            .map_err(|e| MetaError::Unavailable(format!("keep-alive: {e}")))?;
+        let ttl_ms = self
+            .sm
+            .data
+            .read()
+            .kv
+            .lease_ttl_ms(lease)
+            .ok_or(MetaError::LeaseNotFound(lease))?;
+        self.deadlines
+            .lock()
+            .insert(lease, Instant::now() + Duration::from_millis(ttl_ms));
+        Ok(ttl_ms)
+    }
+
+    async fn expire_leases(&self) {
+        if !self.is_leader() {
+            self.deadlines.lock().clear();
+            return;
+        }
+        let now = Instant::now();
+        let leases: Vec<(LeaseId, u64)> = self.sm.data.read().kv.leases().collect();
+        let expired: Vec<LeaseId> = {
+            let mut dl = self.deadlines.lock();
+            let live: BTreeSet<LeaseId> = leases.iter().map(|(id, _)| *id).collect();
+            dl.retain(|id, _| live.contains(id));
+            leases
+                .iter()
+                .filter(|(id, ttl)| {
+                    *dl.entry(*id).or_insert(now + Duration::from_millis(*ttl)) <= now
+                })
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for lease in expired {
+            tracing::info!(lease, "lease expired");
+            match self.write_local(Command::RevokeLease { lease }).await {
+                Ok(_) | Err(MetaError::LeaseNotFound(_)) => {
+                    self.deadlines.lock().remove(&lease);
+                }
+                Err(e) => tracing::warn!(lease, error = %e, "could not revoke an expired lease"),
+            }
+        }
+    }
+
+    pub async fn add_node(&self, id: NodeId, addr: String) -> Result<()> {
+        let map_err = |e: RaftError<NodeId, ClientWriteError<NodeId, Node>>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+                MetaError::Unavailable(NOT_LEADER.into())
+            }
+            RaftError::APIError(e) => MetaError::InvalidArgument(e.to_string()),
+            RaftError::Fatal(e) => MetaError::Unavailable(e.to_string()),
+        };
+        self.raft
+            .add_learner(id, Node { addr }, true)
+            .await
+            .map_err(map_err)?;
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    pub async fn remove_node(&self, id: NodeId) -> Result<()> {
+        self.raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+                    MetaError::Unavailable(NOT_LEADER.into())
+                }
+                RaftError::APIError(e) => MetaError::InvalidArgument(e.to_string()),
+                RaftError::Fatal(e) => MetaError::Unavailable(e.to_string()),
+            })?;
+        Ok(())
+    }
+
+    /// The leader's address for forwarding admin requests (None when this node leads).
+    pub fn admin_leader(&self) -> Result<Option<MetadataClient<Channel>>> {
+        if self.is_leader() {
+            return Ok(None);
+        }
+        let addr = self.leader_addr()?;
+        Ok(Some(self.leader_client(&addr)?))
+    }
+
+    pub fn status(&self) -> pb::StatusResponse {
+        let m = self.raft.metrics().borrow().clone();
+        let voters: BTreeSet<NodeId> = m.membership_config.voter_ids().collect();
+        let members = m
+            .membership_config
+            .nodes()
+            .map(|(id, n)| pb::Member {
+                id: *id,
+                addr: n.addr.clone(),
+                voter: voters.contains(id),
+            })
+            .collect();
+        let (revision, keys) = {
+            let d = self.sm.data.read();
+            (d.kv.revision(), d.kv.len() as u64)
+        };
+        pb::StatusResponse {
+            id: self.id,
+            leader: m.current_leader,
+            term: m.current_term,
+            members,
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(self.log.last_index()),
+            state: format!("{:?}", m.state),
+            revision,
+            keys,
+        }
+    }
+}
+
+/// The message of `Unavailable` when a request reached a node that does not lead.
+pub const NOT_LEADER: &str = "this node is not the leader";
