@@ -1,9 +1,10 @@
-//! `quire`: one binary for every role (`quire bookie`, later `quire metadata`, `quire standalone`,
+//! `quire`: one binary for every role (`quire bookie`, `quire metadata`, later `quire standalone`,
 //! ...) and for the client tools (`quire bench ...`). Each subcommand only parses flags and wires a
 //! library crate; the work lives in the libraries.
 
 mod bench;
 mod bookie;
+mod metadata;
 
 use clap::{Parser, Subcommand};
 
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Run a bookie: the storage server for ledger entries.
     Bookie(bookie::BookieArgs),
+    /// Run a metadata node (raft), or manage and inspect a metadata cluster.
+    Metadata(metadata::MetadataArgs),
     /// Load generators that measure throughput and latency.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -45,6 +48,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.command {
             Command::Bookie(args) => bookie::run(args).await,
+            Command::Metadata(args) => metadata::run(args).await,
             Command::Bench(cmd) => bench::run(cmd).await,
         }
     })
