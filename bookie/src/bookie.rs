@@ -76,6 +76,7 @@ pub struct BookieInfo {
 pub struct Bookie {
     cfg: BookieConfig,
     id: String,
+    cookie: cookie::Cookie,
     journal: Journal,
     storage: LedgerStorage,
     ledgers: Ledgers,
@@ -159,14 +160,14 @@ impl Bookie {
         for d in &cfg.storage.ledger_dirs {
             durable::create_dir(d)?;
         }
-        let id = cookie::check_or_create(
+        let cookie = cookie::check_or_create(
             cfg.bookie_id.as_deref(),
             &cfg.bookie_id(),
             &cfg.journal.dir,
             &cfg.storage.ledger_dirs,
         )
-        .map_err(|e| BookieError::Startup(e.to_string()))?
-        .bookie_id;
+        .map_err(|e| BookieError::Startup(e.to_string()))?;
+        let id = cookie.bookie_id.clone();
         durable::remove_temp_files(&cfg.journal.dir)?;
 
         let started = Instant::now();
@@ -197,6 +198,7 @@ impl Bookie {
             Journal::start(&cfg.journal, next_file, metrics.clone()).map_err(journal_error)?;
         let bookie = Arc::new(Bookie {
             id,
+            cookie,
             journal,
             storage,
             ledgers,
@@ -230,6 +232,11 @@ impl Bookie {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The local cookie this bookie started with.
+    pub fn cookie(&self) -> &cookie::Cookie {
+        &self.cookie
     }
 
     pub fn config(&self) -> &BookieConfig {

@@ -34,6 +34,14 @@ pub struct BookieConfig {
     /// With the per-message cap (largest entry + 1 MiB) this bounds the memory of requests
     /// waiting to be read. Default: 256.
     pub add_streams_max: usize,
+    /// Metadata store URI (quire://, etcd://, file://). When set, the bookie checks its cookie
+    /// there and registers itself (ephemerally) in the bookie registry. Default: none.
+    pub metadata: Option<String>,
+    /// Session timeout of the registration: a bookie that stops renewing it leaves the registry
+    /// this long after. Default: 10000.
+    pub session_timeout_ms: u64,
+    /// Placement label (zone or rack) published with the registration. Default: none.
+    pub zone: Option<String>,
     pub journal: JournalConfig,
     pub storage: StorageConfig,
     pub disk: DiskConfig,
@@ -110,6 +118,9 @@ impl Default for BookieConfig {
             entry_size_max_bytes: 5 << 20,
             stream_in_flight_max: 10_000,
             add_streams_max: 256,
+            metadata: None,
+            session_timeout_ms: 10_000,
+            zone: None,
             journal: JournalConfig::default(),
             storage: StorageConfig::default(),
             disk: DiskConfig::default(),
@@ -199,6 +210,12 @@ impl BookieConfig {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.storage.ledger_dirs.is_empty() {
             return bad("at least one ledger directory is needed".into());
+        }
+        if !(1000..=600_000).contains(&self.session_timeout_ms) {
+            return bad(format!(
+                "session_timeout_ms {} outside 1000..=600000",
+                self.session_timeout_ms
+            ));
         }
         for d in &self.storage.ledger_dirs {
             if *d == self.journal.dir {

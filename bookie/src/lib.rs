@@ -16,6 +16,7 @@ pub mod http;
 pub mod journal;
 pub mod ledger;
 pub mod metrics;
+pub mod registration;
 pub mod server;
 pub mod storage;
 
@@ -47,8 +48,35 @@ pub async fn start(cfg: BookieConfig) -> Result<Running, BookieError> {
     let bookie = tokio::task::spawn_blocking(move || Bookie::open(cfg))
         .await
         .map_err(|e| BookieError::Io(std::io::Error::other(e.to_string())))??;
+    let metadata = match bookie.config().metadata.clone() {
+        Some(uri) => {
+            let store = quire_metadata::connect(&uri)
+                .await
+                .map_err(|e| BookieError::Startup(format!("metadata store {uri}: {e}")))?;
+            if let Err(e) = registration::check_cookie(&bookie, &store).await {
+                let b = bookie.clone();
+                let _ = tokio::task::spawn_blocking(move || b.shutdown()).await;
+                return Err(e);
+            }
+            Some(store)
+        }
+        None => None,
+    };
     let (shutdown, rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
+    if let Some(store) = metadata {
+        let info = quire_metadata::bookies::BookieInfo {
+            addr: grpc_addr.to_string(),
+            http: http_addr.to_string(),
+            zone: bookie.config().zone.clone(),
+        };
+        tasks.push(tokio::spawn(registration::run(
+            bookie.clone(),
+            store,
+            info,
+            rx.clone(),
+        )));
+    }
     let svc = server::BookieService::new(bookie.clone()).into_server();
     let mut stop = rx.clone();
     tasks.push(tokio::spawn(async move {

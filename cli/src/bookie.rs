@@ -34,6 +34,16 @@ pub struct BookieArgs {
     /// listen address).
     #[arg(long)]
     bookie_id: Option<String>,
+    /// Metadata store URI (quire://host:port,..., etcd://..., file:///path): check the cookie
+    /// there and register the bookie.
+    #[arg(long, env = "QUIRE_METADATA")]
+    metadata: Option<String>,
+    /// Registration session timeout in milliseconds (a dead bookie leaves the registry after it).
+    #[arg(long)]
+    session_timeout_ms: Option<u64>,
+    /// Placement label (zone or rack) published with the registration.
+    #[arg(long)]
+    zone: Option<String>,
     /// Journal I/O backend: auto, io-uring or plain.
     #[arg(long, value_parser = parse_io)]
     journal_io: Option<JournalIoKind>,
@@ -114,6 +124,15 @@ impl BookieArgs {
         }
         if let Some(id) = &self.bookie_id {
             cfg.bookie_id = Some(id.clone());
+        }
+        if let Some(m) = &self.metadata {
+            cfg.metadata = Some(m.clone());
+        }
+        if let Some(t) = self.session_timeout_ms {
+            cfg.session_timeout_ms = t;
+        }
+        if let Some(z) = &self.zone {
+            cfg.zone = Some(z.clone());
         }
         if let Some(io) = self.journal_io {
             cfg.journal.io = io;
