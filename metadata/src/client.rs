@@ -21,7 +21,7 @@ use tonic::transport::Channel;
 use crate::raft::network;
 use crate::store::{
     KeyValue, LeaseId, ListPage, MAX_LIST_LIMIT, MetaError, MetadataStore, Result, Watch,
-    WatchTarget, check_key, check_prefix, check_ttl, check_value, watch_channel,
+    WatchTarget, check_key, check_prefix, check_target, check_ttl, check_value, watch_channel,
 };
 use crate::wire::{event_from_pb, from_status, kv_from_pb};
 
@@ -217,7 +217,7 @@ impl MetadataStore for RemoteStore {
     }
 
     async fn watch(&self, target: WatchTarget) -> Result<Watch> {
-        check_prefix(target.path())?;
+        check_target(&target)?;
         let req = match &target {
             WatchTarget::Key(k) => pb::WatchRequest {
                 key: k.clone(),

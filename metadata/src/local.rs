@@ -12,7 +12,7 @@ use crate::raft::node::MetaNode;
 use crate::state::{Command, Output};
 use crate::store::{
     KeyValue, LeaseId, ListPage, MAX_LIST_LIMIT, MetaError, MetadataStore, Result, Watch,
-    WatchTarget, check_key, check_prefix, check_ttl, check_value,
+    WatchTarget, check_key, check_prefix, check_target, check_ttl, check_value,
 };
 
 /// A store backed by a metadata node in this process.
@@ -119,7 +119,7 @@ impl MetadataStore for LocalStore {
     }
 
     async fn watch(&self, target: WatchTarget) -> Result<Watch> {
-        check_prefix(target.path())?;
+        check_target(&target)?;
         self.node.watch(target)
     }
 
@@ -214,6 +214,26 @@ mod tests {
             id + 1,
             "ids are never handed out twice"
         );
+        s.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod conformance {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory_store_conforms() {
+        let s = LocalStore::memory().await.unwrap();
+        crate::testkit::conformance::run_all(&s, "/conformance/").await;
+        s.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded_store_conforms() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).await.unwrap();
+        crate::testkit::conformance::run_all(&s, "/conformance/").await;
         s.shutdown().await;
     }
 }

@@ -217,6 +217,14 @@ pub fn check_prefix(prefix: &str) -> Result<()> {
     check_key(prefix)
 }
 
+/// A key watch needs a valid key; a prefix watch may follow everything ("").
+pub fn check_target(target: &WatchTarget) -> Result<()> {
+    match target {
+        WatchTarget::Key(k) => check_key(k),
+        WatchTarget::Prefix(p) => check_prefix(p),
+    }
+}
+
 pub fn check_value(value: &[u8]) -> Result<()> {
     if value.len() > MAX_VALUE_LEN {
         return Err(MetaError::TooLarge(format!(
