@@ -237,3 +237,54 @@ mod conformance {
         s.shutdown().await;
     }
 }
+
+#[cfg(test)]
+mod durability {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_directory_serves_one_process_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).await.unwrap();
+        assert!(matches!(
+            LocalStore::open(dir.path()).await,
+            Err(MetaError::Storage(_))
+        ));
+        s.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn damage_inside_the_log_refuses_start_but_a_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = LocalStore::open(dir.path()).await.unwrap();
+            for i in 0..20 {
+                s.create(&format!("/k/{i:02}"), Bytes::from(vec![7u8; 100]), None)
+                    .await
+                    .unwrap();
+            }
+            s.shutdown().await;
+        }
+        let log = dir.path().join("raft.log");
+        let good = std::fs::read(&log).unwrap();
+        // A torn tail: half a record of garbage at the end.
+        let mut torn = good.clone();
+        torn.extend_from_slice(&[0, 0, 0, 50, 1, 2, 3]);
+        std::fs::write(&log, &torn).unwrap();
+        {
+            let s = LocalStore::open(dir.path()).await.unwrap();
+            assert_eq!(s.list("/k/", None, 100).await.unwrap().kvs.len(), 20);
+            s.shutdown().await;
+        }
+        // A flipped byte in the middle, with valid records after it.
+        let mut bad = std::fs::read(&log).unwrap();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0xff;
+        std::fs::write(&log, &bad).unwrap();
+        match LocalStore::open(dir.path()).await {
+            Err(MetaError::Storage(m)) => assert!(m.contains("damaged record"), "{m}"),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a damaged log must not start"),
+        }
+    }
+}

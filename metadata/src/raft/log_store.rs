@@ -3,8 +3,9 @@
 //!
 //! File format: an 8-byte magic `QRAFTLOG`, a u32 format version, then records
 //! `[len u32][crc32c u32][postcard payload]` (big-endian). Replay applies the records in order;
-//! a record cut short or failing its CRC at the end is a torn tail (never synced, never
-//! acknowledged) and is cut off. The file is rewritten (temp file + rename) once purges have
+//! a record cut short or failing its CRC with nothing valid after it is a torn tail (never
+//! synced, never acknowledged) and is cut off; damage followed by valid records refuses to start.
+//! The file is rewritten (temp file + rename) once purges have
 //! left most of it dead.
 //!
 //! Durability: appended entries are written at once and fdatasync'd by a flusher thread that
@@ -184,23 +185,39 @@ fn replay(path: &Path, inner: &mut Inner) -> std::io::Result<u64> {
         ));
     }
     let mut pos = HEADER_LEN as usize;
-    while pos + 8 <= buf.len() {
-        let len = u32::from_be_bytes(buf[pos..pos + 4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_be_bytes(buf[pos + 4..pos + 8].try_into().expect("4 bytes"));
-        if len > MAX_RECORD || pos + 8 + len > buf.len() {
-            break;
-        }
-        let payload = &buf[pos + 8..pos + 8 + len];
-        if crc32c::crc32c(payload) != crc {
-            break;
-        }
-        let Ok(rec) = postcard::from_bytes::<LogRecord>(payload) else {
-            break;
-        };
+    while let Some((rec, next)) = record_at(&buf, pos) {
         apply_record(inner, rec);
-        pos += 8 + len;
+        pos = next;
+    }
+    // Damage with a valid record after it is not a torn tail: records this node synced (and
+    // may have acknowledged to a leader) would be lost by cutting there.
+    if let Some(later) = (pos + 1..buf.len()).find(|p| record_at(&buf, *p).is_some()) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{}: damaged record at offset {pos} followed by a valid one at {later}: refusing to \
+                 start (restore the node from its peers: remove its data directory and add it again)",
+                path.display()
+            ),
+        ));
     }
     Ok(pos as u64)
+}
+
+/// The record at `pos` and the offset after it, if a whole, valid one is there.
+fn record_at(buf: &[u8], pos: usize) -> Option<(LogRecord, usize)> {
+    let header = buf.get(pos..pos + 8)?;
+    let len = u32::from_be_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_be_bytes(header[4..].try_into().expect("4 bytes"));
+    if len == 0 || len > MAX_RECORD {
+        return None;
+    }
+    let payload = buf.get(pos + 8..pos + 8 + len)?;
+    if crc32c::crc32c(payload) != crc {
+        return None;
+    }
+    let rec = postcard::from_bytes::<LogRecord>(payload).ok()?;
+    Some((rec, pos + 8 + len))
 }
 
 fn apply_record(inner: &mut Inner, rec: LogRecord) {

@@ -74,6 +74,30 @@ pub struct MetaNode {
     deadlines: Mutex<HashMap<LeaseId, Instant>>,
     clients: Mutex<HashMap<String, MetadataClient<Channel>>>,
     ticker: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Held for the node's life: two processes must never share a data directory.
+    _lock: Option<std::fs::File>,
+}
+
+/// Creates `dir` and takes an exclusive lock on `dir/LOCK`.
+fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let io = |e: std::io::Error| MetaError::Storage(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))
+        .map_err(io)?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(MetaError::Storage(format!(
+            "{} is in use by another process (its LOCK is held)",
+            dir.display()
+        )));
+    }
+    Ok(f)
 }
 
 fn storage_err(e: impl std::fmt::Display) -> MetaError {
@@ -82,10 +106,10 @@ fn storage_err(e: impl std::fmt::Display) -> MetaError {
 
 impl MetaNode {
     pub async fn start(cfg: NodeConfig) -> Result<Arc<Self>> {
-        if let Some(d) = &cfg.dir {
-            std::fs::create_dir_all(d)
-                .map_err(|e| MetaError::Storage(format!("{}: {e}", d.display())))?;
-        }
+        let lock = match &cfg.dir {
+            Some(d) => Some(lock_dir(d)?),
+            None => None,
+        };
         let log = match &cfg.dir {
             Some(d) => LogStore::open(d).map_err(storage_err)?,
             None => LogStore::memory(),
@@ -117,6 +141,7 @@ impl MetaNode {
             deadlines: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             ticker: Mutex::new(None),
+            _lock: lock,
         });
         let weak = Arc::downgrade(&node);
         *node.ticker.lock() = Some(tokio::spawn(async move {
