@@ -31,6 +31,12 @@ pub struct MetadataArgs {
     /// Once serving, write the bound address here (line 1).
     #[arg(long)]
     addr_file: Option<PathBuf>,
+    /// Snapshot the state and purge the log after this many entries.
+    #[arg(long, default_value_t = 20_000)]
+    snapshot_every: u64,
+    /// Log entries kept behind a snapshot for lagging followers.
+    #[arg(long, default_value_t = 1000)]
+    keep_logs: u64,
 }
 
 #[derive(Subcommand)]
@@ -255,7 +261,10 @@ pub async fn run(args: MetadataArgs) -> anyhow::Result<()> {
         .data_dir
         .context("--data-dir is required to run a metadata node")?;
     let peers = parse_peers(&args.peers)?;
-    let server = quire_metadata::server::start_node(id, args.listen, peers, dir).await?;
+    let mut cfg = quire_metadata::raft::node::NodeConfig::member(id, peers, dir);
+    cfg.snapshot_every = args.snapshot_every.max(1);
+    cfg.keep_logs = args.keep_logs;
+    let server = quire_metadata::server::start_node(args.listen, cfg).await?;
     if let Some(p) = &args.addr_file {
         let tmp = p.with_extension("tmp");
         std::fs::write(&tmp, format!("{}\n", server.addr))

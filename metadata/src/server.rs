@@ -1,7 +1,6 @@
 //! The `quire.metadata.v1.Metadata` gRPC service over a [`MetaNode`]: the client API (every node
 //! answers; followers forward), cluster administration, and the raft transport between nodes.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -377,13 +376,11 @@ pub fn serve(node: Arc<MetaNode>, listener: TcpListener) -> std::io::Result<Meta
     })
 }
 
-/// Starts a raft node listening on `listen` (port 0 allowed). `peers` maps every initial member,
-/// this one included, to its address; this node's own entry is replaced by the bound address.
+/// Starts a raft node listening on `listen` (port 0 allowed). `cfg.peers` maps the initial
+/// members (used by `init`); this node's own entry and `cfg.addr` become the bound address.
 pub async fn start_node(
-    id: NodeId,
     listen: SocketAddr,
-    mut peers: BTreeMap<NodeId, String>,
-    dir: std::path::PathBuf,
+    mut cfg: NodeConfig,
 ) -> Result<MetadataServerHandle, MetaError> {
     let listener = TcpListener::bind(listen)
         .await
@@ -391,12 +388,8 @@ pub async fn start_node(
     let addr = listener
         .local_addr()
         .map_err(|e| MetaError::Internal(e.to_string()))?;
-    peers.insert(id, addr.to_string());
-    let mut cfg = NodeConfig::single(Some(dir));
-    cfg.id = id;
+    cfg.peers.insert(cfg.id, addr.to_string());
     cfg.addr = addr.to_string();
-    cfg.peers = peers;
-    cfg.election_timeout_ms = (500, 1000);
     let node = MetaNode::start(cfg).await?;
     serve(node, listener).map_err(|e| MetaError::Internal(e.to_string()))
 }

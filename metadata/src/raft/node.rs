@@ -47,10 +47,23 @@ pub struct NodeConfig {
     pub dir: Option<PathBuf>,
     pub heartbeat_ms: u64,
     pub election_timeout_ms: (u64, u64),
+    /// Build a snapshot (and purge the log) after this many entries.
     pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot, for followers that lag a little.
+    pub keep_logs: u64,
 }
 
 impl NodeConfig {
+    /// A member of a cluster, with the timing used between processes.
+    pub fn member(id: NodeId, peers: BTreeMap<NodeId, String>, dir: PathBuf) -> Self {
+        NodeConfig {
+            id,
+            peers,
+            election_timeout_ms: (500, 1000),
+            ..Self::single(Some(dir))
+        }
+    }
+
     pub fn single(dir: Option<PathBuf>) -> Self {
         NodeConfig {
             id: 1,
@@ -60,6 +73,7 @@ impl NodeConfig {
             heartbeat_ms: 100,
             election_timeout_ms: (300, 600),
             snapshot_every: 20_000,
+            keep_logs: 1000,
         }
     }
 }
@@ -122,7 +136,7 @@ impl MetaNode {
             election_timeout_min: cfg.election_timeout_ms.0,
             election_timeout_max: cfg.election_timeout_ms.1,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
-            max_in_snapshot_log_to_keep: 1000,
+            max_in_snapshot_log_to_keep: cfg.keep_logs,
             max_payload_entries: 1000,
             install_snapshot_timeout: 5000,
             ..Default::default()
