@@ -19,6 +19,8 @@ use tokio::sync::{Semaphore, mpsc};
 pub enum BenchCommand {
     /// Sustained adds against one bookie.
     Bookie(BookieBench),
+    /// Compare-and-set and ledger-create load on a metadata store.
+    Metadata(crate::bench_metadata::MetadataBench),
 }
 
 #[derive(Args)]
@@ -60,6 +62,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Bookie(b) => bench_bookie(b).await,
+        BenchCommand::Metadata(m) => crate::bench_metadata::bench_metadata(m).await,
     }
 }
 

@@ -3,6 +3,7 @@
 //! library crate; the work lives in the libraries.
 
 mod bench;
+mod bench_metadata;
 mod bookie;
 mod metadata;
 

@@ -74,3 +74,43 @@ fn bench_needs_a_reachable_bookie() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("connecting to bookie"), "{err}");
 }
+
+#[test]
+fn bench_metadata_on_an_in_memory_store() {
+    let out = quire()
+        .args(["bench", "metadata", "--metadata", "memory://"])
+        .args(["--clients", "4", "--ops", "400", "--json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    for key in [
+        "ops_per_sec",
+        "p50_us",
+        "p99_us",
+        "ledger_creates_per_sec",
+        "create_p50_us",
+        "create_p99_us",
+    ] {
+        let x = v[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing: {v}"));
+        assert!(x > 0.0, "{key} = {x}");
+    }
+    assert_eq!(v["ops"], 400, "{v}");
+    assert_eq!(v["clients"], 4, "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+}
+
+#[test]
+fn bench_metadata_needs_a_reachable_store() {
+    let out = quire()
+        .args(["bench", "metadata", "--metadata", "zk://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("connecting to metadata store"), "{err}");
+}
