@@ -507,11 +507,14 @@ mod tests {
                     Op::Create(k, v) => {
                         let key = format!("/k{k}");
                         let (r, _) = s.apply(&Command::Create { key: key.clone(), value: Bytes::from(vec![v]), lease: 0 });
-                        if model.contains_key(&key) {
-                            prop_assert!(matches!(r, Response::Err(ApplyError::AlreadyExists(_))));
-                        } else {
-                            prop_assert!(matches!(r, Response::Ok(_)));
-                            model.insert(key, (v, 1));
+                        match model.entry(key) {
+                            std::collections::btree_map::Entry::Occupied(_) => {
+                                prop_assert!(matches!(r, Response::Err(ApplyError::AlreadyExists(_))));
+                            }
+                            std::collections::btree_map::Entry::Vacant(slot) => {
+                                prop_assert!(matches!(r, Response::Ok(_)));
+                                slot.insert((v, 1));
+                            }
                         }
                     }
                     Op::Cas(k, v, e) => {
