@@ -680,3 +680,15 @@ async fn unreachable_endpoints_are_unavailable_and_skipped() {
         Err(MetaError::InvalidArgument(_))
     ));
 }
+
+/// The backend-agnostic conformance suite, as run against every other backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_passes_the_conformance_suite() {
+    let Some(etcd) = Etcd::start().await else {
+        return;
+    };
+    let plain = etcd.store(None).await;
+    quire_metadata::testkit::conformance::run_all(&plain, "/conformance/").await;
+    let namespaced = etcd.store(Some("/tenant")).await;
+    quire_metadata::testkit::conformance::run_all(&namespaced, "/conformance/").await;
+}
