@@ -865,3 +865,549 @@ pub fn snapshot_files(dirs: &[&Path]) -> std::collections::BTreeMap<PathBuf, Vec
     }
     out
 }
+
+// ------------------------------------------------------------------------------------------------
+// Metadata (raft) nodes and clusters, and process helpers shared by the metadata tests.
+
+use quire_proto::metadata::StatusResponse;
+
+/// How long a metadata node may take to start, a cluster to form or elect a leader, or a
+/// `quire` CLI command to finish.
+pub const META_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a finished `quire` CLI command printed.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `quire <args>` to completion; panics if it takes longer than `timeout` (after killing
+/// it) or cannot be spawned.
+pub async fn run_quire(args: &[&str], timeout: Duration) -> CliOutput {
+    let mut cmd = Command::new(quire_bin());
+    cmd.args(args)
+        .env("RUST_LIB_BACKTRACE", "0")
+        .env("QUIRE_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: only prctl, async-signal-safe, between fork and exec (see BookieProcess).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", quire_bin().display()));
+    let pid = child.id();
+    let waiter = tokio::task::spawn_blocking(move || child.wait_with_output());
+    match tokio::time::timeout(timeout, waiter).await {
+        Ok(out) => {
+            let out = out
+                .expect("waiter task")
+                .unwrap_or_else(|e| panic!("quire {args:?}: {e}"));
+            CliOutput {
+                status: out.status,
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        }
+        Err(_) => {
+            // The child is not reaped yet (its waiter still waits), so the pid is still ours.
+            send_signal(pid, libc::SIGKILL);
+            panic!("quire {args:?} did not finish within {timeout:?}");
+        }
+    }
+}
+
+/// Sends `sig` to process `pid` (a child of this test that is not reaped yet); panics on failure.
+pub fn send_signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) has no memory-safety requirements.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}) failed: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+impl BookieProcess {
+    /// The bookie id it starts with (its key in the bookie registry).
+    pub fn bookie_id(&self) -> &str {
+        &self.bookie_id
+    }
+
+    /// The process id while running (for SIGSTOP/SIGCONT through [`send_signal`]).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+/// One `quire metadata` node process (and its restarts) with its data directory.
+///
+/// The first start listens on `127.0.0.1:0`; every restart listens on the address bound then,
+/// since the cluster membership records it. Dropping the handle kills the process; a panicking
+/// test keeps the directory and prints the logs' location and tail.
+pub struct MetadataNode {
+    id: u64,
+    root: Option<tempfile::TempDir>,
+    root_path: PathBuf,
+    data_dir: PathBuf,
+    addr_file: PathBuf,
+    log_dir: PathBuf,
+    listen: SocketAddr,
+    child: Option<Child>,
+    runs: u32,
+}
+
+impl MetadataNode {
+    /// Starts node `id` (> 0) in a fresh directory; panics (pointing at its logs) when it does
+    /// not come up.
+    pub async fn start(id: u64) -> Self {
+        let root = tempfile::Builder::new()
+            .prefix(&format!("quire-test-meta-{id}-"))
+            .tempdir()
+            .expect("create test directory");
+        let root_path = root.path().to_path_buf();
+        let log_dir = root_path.join("logs");
+        std::fs::create_dir_all(&log_dir).expect("create log directory");
+        let mut node = MetadataNode {
+            id,
+            data_dir: root_path.join("data"),
+            addr_file: root_path.join("node.addr"),
+            log_dir,
+            root: Some(root),
+            root_path,
+            listen: "127.0.0.1:0".parse().expect("valid address"),
+            child: None,
+            runs: 0,
+        };
+        node.restart().await;
+        node
+    }
+
+    /// Starts the node again on the same address and data directory, stopping it first (with
+    /// SIGTERM) if it is running.
+    pub async fn restart(&mut self) {
+        if let Err(e) = self.try_restart().await {
+            panic!(
+                "metadata node {} failed to start ({}): {e}",
+                self.id,
+                self.log_dir.display()
+            );
+        }
+    }
+
+    /// Like [`restart`](Self::restart), but a failure to come up is returned. A restart whose
+    /// address is still held (a socket of the killed process lingering) is retried for a while.
+    pub async fn try_restart(&mut self) -> Result<(), String> {
+        if self.is_running() {
+            self.terminate().await;
+        }
+        let deadline = Instant::now() + META_TIMEOUT;
+        loop {
+            match self.spawn_once(deadline).await {
+                Ok(()) => return Ok(()),
+                Err((status, stderr))
+                    if status.is_some()
+                        && stderr.contains("Address already in use")
+                        && Instant::now() + Duration::from_millis(200) < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err((status, stderr)) => {
+                    let what = match status {
+                        Some(s) => format!("exited with {s}"),
+                        None => format!("did not serve within {META_TIMEOUT:?}"),
+                    };
+                    return Err(format!("{what}; stderr:\n{}", tail(&stderr, 40)));
+                }
+            }
+        }
+    }
+
+    async fn spawn_once(&mut self, deadline: Instant) -> Result<(), (Option<ExitStatus>, String)> {
+        self.runs += 1;
+        let _ = std::fs::remove_file(&self.addr_file);
+        let stdout = std::fs::File::create(self.stdout_path()).expect("create stdout log");
+        let stderr = std::fs::File::create(self.stderr_path()).expect("create stderr log");
+        let mut cmd = Command::new(quire_bin());
+        cmd.arg("metadata")
+            .arg("--id")
+            .arg(self.id.to_string())
+            .arg("--listen")
+            .arg(self.listen.to_string())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--addr-file")
+            .arg(&self.addr_file)
+            .env(
+                "QUIRE_LOG",
+                std::env::var("QUIRE_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env(
+                "RUST_LIB_BACKTRACE",
+                std::env::var("RUST_LIB_BACKTRACE").unwrap_or_else(|_| "0".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        // SAFETY: only prctl, async-signal-safe, between fork and exec (see BookieProcess).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", quire_bin().display()));
+        self.child = Some(child);
+        loop {
+            let child = self.child.as_mut().expect("spawned above");
+            if let Some(status) = child.try_wait().expect("wait for metadata node") {
+                self.child = None;
+                return Err((Some(status), self.last_stderr()));
+            }
+            let bound = std::fs::read_to_string(&self.addr_file)
+                .ok()
+                .and_then(|t| t.lines().next()?.trim().parse::<SocketAddr>().ok());
+            if let Some(addr) = bound {
+                assert!(
+                    self.listen.port() == 0 || self.listen == addr,
+                    "metadata node {} bound {addr} instead of {}",
+                    self.id,
+                    self.listen
+                );
+                self.listen = addr;
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.kill9();
+                return Err((None, self.last_stderr()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The raft node id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The address it serves on (also while stopped: a restart reuses it).
+    pub fn addr(&self) -> SocketAddr {
+        assert!(
+            self.listen.port() != 0,
+            "metadata node {} never started",
+            self.id
+        );
+        self.listen
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The process id while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `quire://<this node>`: a store URI naming this node alone.
+    pub fn uri(&self) -> String {
+        format!("quire://{}", self.addr())
+    }
+
+    /// SIGKILL: the crash fault. Returns once the process is gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the clean shutdown; panics unless the node exits 0 in time.
+    pub async fn terminate(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        send_signal(child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + META_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for metadata node") {
+                assert!(
+                    status.success(),
+                    "metadata node {} exited with {status} after SIGTERM; stderr:\n{}",
+                    self.id,
+                    tail(&self.last_stderr(), 40)
+                );
+                return;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "metadata node {} did not stop within {META_TIMEOUT:?} of SIGTERM (logs: {})",
+                    self.id,
+                    self.log_dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The node's own view (Status RPC, 3 s timeout); `Err` when it is stopped or does not
+    /// answer.
+    pub async fn status(&self) -> Result<StatusResponse, String> {
+        if !self.is_running() {
+            return Err(format!("metadata node {} is not running", self.id));
+        }
+        let mut client = quire_metadata::raft::network::client(&self.addr().to_string())
+            .map_err(|e| e.to_string())?;
+        let mut req = tonic::Request::new(quire_proto::metadata::StatusRequest {});
+        req.set_timeout(Duration::from_secs(3));
+        match tokio::time::timeout(Duration::from_secs(5), client.status(req)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
+            Err(_) => Err("status timed out".into()),
+        }
+    }
+
+    /// The per-node directory (data directory and logs).
+    pub fn root(&self) -> &Path {
+        &self.root_path
+    }
+
+    pub fn log_dir(&self) -> &Path {
+        &self.log_dir
+    }
+
+    fn stdout_path(&self) -> PathBuf {
+        self.log_dir.join(format!("run-{}.stdout.log", self.runs))
+    }
+
+    fn stderr_path(&self) -> PathBuf {
+        self.log_dir.join(format!("run-{}.stderr.log", self.runs))
+    }
+
+    /// Everything the latest run wrote to stderr.
+    pub fn last_stderr(&self) -> String {
+        std::fs::read_to_string(self.stderr_path()).unwrap_or_default()
+    }
+}
+
+impl Drop for MetadataNode {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            if let Some(root) = self.root.take() {
+                let kept = root.keep();
+                eprintln!(
+                    "test failed: metadata node {} kept its directory {} (logs in {})",
+                    self.id,
+                    kept.display(),
+                    kept.join("logs").display()
+                );
+            }
+            eprintln!(
+                "last stderr of metadata node {}:\n{}",
+                self.id,
+                tail(&self.last_stderr(), 20)
+            );
+        }
+    }
+}
+
+/// A raft metadata cluster of `quire metadata` processes on 127.0.0.1 ephemeral ports. Node `i`
+/// (0-based) has raft id `i + 1`.
+pub struct MetadataCluster {
+    nodes: Vec<MetadataNode>,
+}
+
+impl MetadataCluster {
+    /// Starts `n` nodes, creates the cluster on the first (`quire metadata init`), adds the
+    /// others as voters (`quire metadata add-node`), and waits until every node sees all `n`
+    /// members and the same leader.
+    pub async fn start(n: usize) -> Self {
+        assert!(n >= 1, "a cluster needs a node");
+        let mut nodes = Vec::with_capacity(n);
+        for i in 0..n {
+            nodes.push(MetadataNode::start(i as u64 + 1).await);
+        }
+        let cluster = MetadataCluster { nodes };
+        let first = cluster.nodes[0].uri();
+        let out = run_quire(&["metadata", "init", "--metadata", &first], META_TIMEOUT).await;
+        assert!(
+            out.status.success(),
+            "quire metadata init failed ({}): {}{}",
+            out.status,
+            out.stdout,
+            out.stderr
+        );
+        for node in &cluster.nodes[1..] {
+            let (id, addr) = (node.id().to_string(), node.addr().to_string());
+            let deadline = Instant::now() + META_TIMEOUT;
+            loop {
+                let out = run_quire(
+                    &[
+                        "metadata",
+                        "add-node",
+                        "--metadata",
+                        &first,
+                        "--id",
+                        &id,
+                        "--addr",
+                        &addr,
+                    ],
+                    META_TIMEOUT,
+                )
+                .await;
+                if out.status.success() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "quire metadata add-node --id {id} kept failing ({}): {}",
+                    out.status,
+                    out.stderr
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        let members = n;
+        let deadline = Instant::now() + META_TIMEOUT;
+        loop {
+            let statuses = cluster.statuses().await;
+            let agreed = statuses.iter().all(|s| {
+                s.as_ref()
+                    .is_ok_and(|s| s.members.len() == members && s.leader.is_some())
+            }) && cluster.agreed_leader(&statuses).is_some();
+            if agreed {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the metadata cluster did not converge within {META_TIMEOUT:?}: {statuses:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cluster
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    pub fn node(&self, i: usize) -> &MetadataNode {
+        &self.nodes[i]
+    }
+
+    pub fn node_mut(&mut self, i: usize) -> &mut MetadataNode {
+        &mut self.nodes[i]
+    }
+
+    /// `quire://` naming every node (stopped ones included).
+    pub fn uri(&self) -> String {
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        self.uri_of(&all)
+    }
+
+    /// `quire://` naming only the nodes with these indices.
+    pub fn uri_of(&self, nodes: &[usize]) -> String {
+        let hosts: Vec<String> = nodes
+            .iter()
+            .map(|&i| self.nodes[i].addr().to_string())
+            .collect();
+        format!("quire://{}", hosts.join(","))
+    }
+
+    /// A store client through every node.
+    pub async fn store(&self) -> quire_metadata::DynStore {
+        quire_metadata::connect(&self.uri())
+            .await
+            .expect("connect to the metadata cluster")
+    }
+
+    /// Every node's view (Status RPC); `Err` for a stopped or silent node.
+    pub async fn statuses(&self) -> Vec<Result<StatusResponse, String>> {
+        let mut out = Vec::with_capacity(self.nodes.len());
+        for n in &self.nodes {
+            out.push(n.status().await);
+        }
+        out
+    }
+
+    /// The index of the leader that every running node names, when that leader is running and
+    /// says it leads.
+    fn agreed_leader(&self, statuses: &[Result<StatusResponse, String>]) -> Option<usize> {
+        let mut leader = None;
+        for (n, s) in self.nodes.iter().zip(statuses) {
+            if !n.is_running() {
+                continue;
+            }
+            let l = s.as_ref().ok()?.leader?;
+            if leader.is_some_and(|x| x != l) {
+                return None;
+            }
+            leader = Some(l);
+        }
+        let i = self.nodes.iter().position(|n| Some(n.id()) == leader)?;
+        let s = statuses[i].as_ref().ok()?;
+        (self.nodes[i].is_running() && s.state == "Leader").then_some(i)
+    }
+
+    /// The index of the current leader, if the running nodes agree on one (Status RPC).
+    pub async fn leader_index(&self) -> Option<usize> {
+        let statuses = self.statuses().await;
+        self.agreed_leader(&statuses)
+    }
+
+    /// Waits until the running nodes agree on a leader; returns its index. Panics after
+    /// `timeout`.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let statuses = self.statuses().await;
+            if let Some(i) = self.agreed_leader(&statuses) {
+                return i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader within {timeout:?}: {statuses:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `quire metadata status --json` over every node: one object per node, with either
+    /// `id, state, leader, term, last_applied, members, ...` or `error`.
+    pub async fn status_cli(&self) -> Vec<serde_json::Value> {
+        let uri = self.uri();
+        let out = run_quire(
+            &["metadata", "status", "--metadata", &uri, "--json"],
+            META_TIMEOUT,
+        )
+        .await;
+        let parsed: serde_json::Value =
+            serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| {
+                panic!(
+                    "quire metadata status --json ({}) printed no JSON ({e}): {}{}",
+                    out.status, out.stdout, out.stderr
+                )
+            });
+        match parsed {
+            serde_json::Value::Array(v) => v,
+            other => panic!("quire metadata status --json printed {other}, not an array"),
+        }
+    }
+}
