@@ -23,7 +23,7 @@ use crate::store::{
     KeyValue, LeaseId, ListPage, MAX_LIST_LIMIT, MetaError, MetadataStore, Result, Watch,
     WatchTarget, check_key, check_prefix, check_target, check_ttl, check_value, watch_channel,
 };
-use crate::wire::{event_from_pb, from_status, kv_from_pb};
+use crate::wire::{event_from_pb, from_status, kv_from_pb, never_sent};
 
 /// How long one call keeps trying other endpoints before it gives up.
 pub const CALL_DEADLINE: Duration = Duration::from_secs(15);
@@ -34,24 +34,6 @@ pub struct RemoteStore {
     endpoints: Vec<String>,
     clients: Vec<MetadataClient<Channel>>,
     current: AtomicUsize,
-}
-
-/// Whether a status comes from failing to connect (so the request was never sent).
-fn never_sent(s: &Status) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
-    while let Some(e) = src {
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable
-            )
-        {
-            return true;
-        }
-        src = e.source();
-    }
-    let m = s.message();
-    m.contains("tcp connect error") || m.contains("Connection refused")
 }
 
 impl RemoteStore {
@@ -94,17 +76,19 @@ impl RemoteStore {
         let deadline = Instant::now() + CALL_DEADLINE;
         let mut backoff = Duration::from_millis(20);
         loop {
-            let i = self.current.load(Ordering::Relaxed) % self.clients.len();
+            let cur = self.current.load(Ordering::Relaxed);
+            let i = cur % self.clients.len();
             let res = tokio::time::timeout(ATTEMPT_TIMEOUT, f(self.clients[i].clone())).await;
             let err = match res {
                 Ok(Ok(r)) => return Ok(r.into_inner()),
                 Ok(Err(s)) => {
-                    let e = from_status(&s, write && !never_sent(&s));
+                    // Reads are retried even when sent; writes only when never sent.
+                    let e = from_status(&s, !never_sent(&s));
                     if matches!(e, MetaError::Unavailable(_) | MetaError::Ambiguous(_)) {
                         // Try another node next time.
                         let _ = self.current.compare_exchange(
-                            i,
-                            i + 1,
+                            cur,
+                            (i + 1) % self.clients.len(),
                             Ordering::Relaxed,
                             Ordering::Relaxed,
                         );

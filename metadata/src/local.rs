@@ -120,6 +120,9 @@ impl MetadataStore for LocalStore {
 
     async fn watch(&self, target: WatchTarget) -> Result<Watch> {
         check_target(&target)?;
+        // Catch up first: a lagging follower must not replay writes acknowledged before this
+        // call as if they were new.
+        self.node.read(|_| ()).await?;
         self.node.watch(target)
     }
 

@@ -52,14 +52,13 @@ fn st(e: MetaError) -> Status {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, Status> {
-    postcard::from_bytes(payload)
-        .map_err(|e| Status::invalid_argument(format!("bad raft payload: {e}")))
+    wire::decode_internal(payload)
+        .map_err(|e| Status::invalid_argument(format!("bad internal payload: {e}")))
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftResponse>, Status> {
-    let payload = postcard::to_stdvec(v).map_err(|e| Status::internal(e.to_string()))?;
     Ok(Response::new(pb::RaftResponse {
-        payload: payload.into(),
+        payload: wire::encode_internal(v).into(),
     }))
 }
 

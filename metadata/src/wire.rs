@@ -9,6 +9,61 @@ use crate::store::{KeyValue, MetaError, WatchEvent};
 /// Metadata key carrying the stable error code.
 pub const CODE_HEADER: &str = "x-quire-meta-code";
 
+/// Internal payloads (raft messages, forwarded commands) are framed: magic `QR`, a version byte,
+/// a CRC32C of the body, then the postcard body, which must be consumed exactly. A stray or
+/// damaged request is refused instead of being decoded into some command by chance.
+const INTERNAL_MAGIC: &[u8; 2] = b"QR";
+const INTERNAL_VERSION: u8 = 1;
+
+pub fn encode_internal<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    let body = postcard::to_stdvec(v).expect("internal messages serialize");
+    let mut out = Vec::with_capacity(body.len() + 7);
+    out.extend_from_slice(INTERNAL_MAGIC);
+    out.push(INTERNAL_VERSION);
+    out.extend_from_slice(&crc32c::crc32c(&body).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+pub fn decode_internal<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, String> {
+    if b.len() < 7 || &b[..2] != INTERNAL_MAGIC {
+        return Err("not a quire internal message (bad magic)".into());
+    }
+    if b[2] != INTERNAL_VERSION {
+        return Err(format!(
+            "internal message version {}, this build speaks {INTERNAL_VERSION}",
+            b[2]
+        ));
+    }
+    let crc = u32::from_be_bytes(b[3..7].try_into().expect("4 bytes"));
+    if crc32c::crc32c(&b[7..]) != crc {
+        return Err("internal message checksum mismatch".into());
+    }
+    match postcard::take_from_bytes(&b[7..]) {
+        Ok((v, [])) => Ok(v),
+        Ok(_) => Err("internal message has trailing bytes".into()),
+        Err(e) => Err(format!("internal message: {e}")),
+    }
+}
+
+/// Whether a status comes from failing to connect (so the request was never sent).
+pub fn never_sent(s: &Status) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(e) = src {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable
+            )
+        {
+            return true;
+        }
+        src = e.source();
+    }
+    let m = s.message();
+    m.contains("tcp connect error") || m.contains("Connection refused")
+}
+
 pub fn to_status(e: &MetaError) -> Status {
     let code = match e {
         MetaError::NotFound(_) | MetaError::LeaseNotFound(_) => Code::NotFound,
@@ -134,6 +189,22 @@ pub fn event_from_pb(ev: pb::WatchEvent) -> Option<WatchEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn internal_frames_refuse_garbage() {
+        let f = encode_internal(&(7u64, "x".to_string()));
+        assert_eq!(
+            decode_internal::<(u64, String)>(&f).unwrap(),
+            (7, "x".to_string())
+        );
+        let mut longer = f.clone();
+        longer.push(0);
+        assert!(decode_internal::<(u64, String)>(&longer).is_err());
+        let mut flipped = f.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(decode_internal::<(u64, String)>(&flipped).is_err());
+        assert!(decode_internal::<u8>(&[4, 1]).is_err());
+    }
 
     #[test]
     fn every_error_survives_the_wire() {

@@ -82,8 +82,7 @@ impl PeerConn {
             self.client = Some(c);
         }
         let client = self.client.as_mut().expect("set above");
-        let payload =
-            postcard::to_stdvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let payload = crate::wire::encode_internal(req);
         let mut request = tonic::Request::new(pb::RaftRequest {
             kind: kind.to_string(),
             payload: payload.into(),
@@ -102,8 +101,8 @@ impl PeerConn {
                 ))));
             }
         };
-        let res: Result<Resp, RaftError<NodeId, E>> = postcard::from_bytes(&reply.payload)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let res: Result<Resp, RaftError<NodeId, E>> = crate::wire::decode_internal(&reply.payload)
+            .map_err(|e| RPCError::Network(NetworkError::new(&Failure(e))))?;
         res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }

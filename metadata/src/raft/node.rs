@@ -271,7 +271,7 @@ impl MetaNode {
     async fn forward(&self, cmd: Command) -> Result<Output> {
         let addr = self.leader_addr()?;
         let mut c = self.leader_client(&addr)?;
-        let payload = postcard::to_stdvec(&cmd).map_err(|e| MetaError::Internal(e.to_string()))?;
+        let payload = wire::encode_internal(&cmd);
         let mut req = tonic::Request::new(pb::RaftRequest {
             kind: "command".into(),
             payload: payload.into(),
@@ -280,9 +280,9 @@ impl MetaNode {
         let reply = c
             .propose(req)
             .await
-            .map_err(|s| wire::from_status(&s, true))?
+            .map_err(|s| wire::from_status(&s, !wire::never_sent(&s)))?
             .into_inner();
-        postcard::from_bytes::<Output>(&reply.payload)
+        wire::decode_internal::<Output>(&reply.payload)
             .map_err(|e| MetaError::Internal(format!("forwarded reply: {e}")))
     }
 
@@ -303,7 +303,7 @@ impl MetaNode {
                     .await
                     .map_err(|s| wire::from_status(&s, false))?
                     .into_inner();
-                postcard::from_bytes::<u64>(&reply.payload)
+                wire::decode_internal::<u64>(&reply.payload)
                     .map_err(|e| MetaError::Internal(e.to_string()))
             }
             Err(RaftError::Fatal(e)) => Err(MetaError::Unavailable(format!("raft stopped: {e}"))),
@@ -360,9 +360,7 @@ impl MetaNode {
                 let mut c = self.leader_client(&addr)?;
                 let mut req = tonic::Request::new(pb::RaftRequest {
                     kind: "keepalive".into(),
-                    payload: postcard::to_stdvec(&lease)
-                        .map_err(|e| MetaError::Internal(e.to_string()))?
-                        .into(),
+                    payload: wire::encode_internal(&lease).into(),
                 });
                 req.set_timeout(REQUEST_TIMEOUT);
                 let reply = c
@@ -370,7 +368,7 @@ impl MetaNode {
                     .await
                     .map_err(|s| wire::from_status(&s, false))?
                     .into_inner();
-                postcard::from_bytes::<u64>(&reply.payload)
+                wire::decode_internal::<u64>(&reply.payload)
                     .map_err(|e| MetaError::Internal(e.to_string()))
             }
             other => other,
