@@ -134,6 +134,21 @@ impl PhaseResult {
     fn rate(&self) -> f64 {
         self.done as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
+
+    /// One line of text: count, rate and latency percentiles.
+    fn summary(&self, phase: &str, unit: &str) -> String {
+        let q = |p: f64| self.hist.value_at_quantile(p);
+        format!(
+            "{phase}: {} {unit} in {:.2} s: {:.0} {unit}/s; latency p50 {} us, p99 {} us, p99.9 {} us, max {} us",
+            self.done,
+            self.elapsed.as_secs_f64(),
+            self.rate(),
+            q(0.5),
+            q(0.99),
+            q(0.999),
+            self.hist.max()
+        )
+    }
 }
 
 /// Runs `clients` tasks of `body` until they all return; each returns how many ops it did.
@@ -329,7 +344,13 @@ pub async fn bench_metadata(args: MetadataBench) -> anyhow::Result<()> {
         let lc = run_phase(&lc, args.clients, "ledger create", |s, _| {
             create_client(s, ledger_prefix.clone(), args.value_size)
         })
-        .await?;
+        .await
+        .inspect_err(|_| {
+            eprintln!(
+                "{} (before the failure)",
+                cas.summary("compare-and-set", "ops")
+            )
+        })?;
         anyhow::Ok((cas, lc))
     }
     .await;
@@ -366,26 +387,8 @@ pub async fn bench_metadata(args: MetadataBench) -> anyhow::Result<()> {
             })
         );
     } else {
-        println!(
-            "compare-and-set: {} ops in {:.2} s: {:.0} ops/s; latency p50 {} us, p99 {} us, p99.9 {} us, max {} us",
-            cas.done,
-            cas.elapsed.as_secs_f64(),
-            cas.rate(),
-            q(&cas.hist, 0.5),
-            q(&cas.hist, 0.99),
-            q(&cas.hist, 0.999),
-            cas.hist.max()
-        );
-        println!(
-            "ledger create: {} ledgers in {:.2} s: {:.0} creates/s; latency p50 {} us, p99 {} us, p99.9 {} us, max {} us",
-            lc.done,
-            lc.elapsed.as_secs_f64(),
-            lc.rate(),
-            q(&lc.hist, 0.5),
-            q(&lc.hist, 0.99),
-            q(&lc.hist, 0.999),
-            lc.hist.max()
-        );
+        println!("{}", cas.summary("compare-and-set", "ops"));
+        println!("{}", lc.summary("ledger create", "creates"));
         println!("{} clients, {errors} errors", args.clients);
     }
     Ok(())
