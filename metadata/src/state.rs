@@ -44,6 +44,9 @@ pub enum Command {
     },
     /// Written by a new leader so that reads see everything committed before it; changes nothing.
     Noop,
+    /// Several commands in one log entry (one fsync for all), applied in order, each with its own
+    /// revision, events and result, exactly as if they had been separate entries.
+    Batch(Vec<Command>),
 }
 
 impl std::fmt::Display for Command {
@@ -56,6 +59,7 @@ impl std::fmt::Display for Command {
             Command::RevokeLease { lease } => write!(f, "revoke-lease {lease}"),
             Command::AllocateId { counter } => write!(f, "allocate-id {counter}"),
             Command::Noop => write!(f, "noop"),
+            Command::Batch(cmds) => write!(f, "batch of {}", cmds.len()),
         }
     }
 }
@@ -74,6 +78,8 @@ pub enum Output {
 pub enum Response {
     Ok(Output),
     Err(ApplyError),
+    /// One response per command of a `Command::Batch`, in order.
+    Batch(Vec<Response>),
 }
 
 /// The errors a command can meet when applied.
@@ -113,6 +119,10 @@ impl Response {
         match self {
             Response::Ok(o) => Ok(o),
             Response::Err(e) => Err(e.into()),
+            Response::Batch(rs) => Err(MetaError::Internal(format!(
+                "a batch of {} results where one was expected",
+                rs.len()
+            ))),
         }
     }
 }
@@ -197,6 +207,15 @@ impl KvState {
     pub fn apply(&mut self, cmd: &Command) -> (Response, Vec<WatchEvent>) {
         let mut events = Vec::new();
         let res = match cmd {
+            Command::Batch(cmds) => {
+                let mut out = Vec::with_capacity(cmds.len());
+                for c in cmds {
+                    let (r, ev) = self.apply(c);
+                    out.push(r);
+                    events.extend(ev);
+                }
+                return (Response::Batch(out), events);
+            }
             Command::Create { key, value, lease } => self.create(key, value, *lease, &mut events),
             Command::Cas {
                 key,
@@ -419,6 +438,47 @@ mod tests {
             }]
         );
         assert!(s.get("/a").is_none());
+    }
+
+    #[test]
+    fn a_batch_applies_like_its_commands_one_by_one() {
+        let cmds = vec![
+            Command::Create {
+                key: "/a".into(),
+                value: b("1"),
+                lease: 0,
+            },
+            Command::Create {
+                key: "/a".into(),
+                value: b("2"),
+                lease: 0,
+            },
+            Command::Cas {
+                key: "/a".into(),
+                value: b("3"),
+                expected: 1,
+            },
+            Command::AllocateId {
+                counter: "c".into(),
+            },
+            Command::Delete {
+                key: "/zz".into(),
+                expected: None,
+            },
+        ];
+        let mut one_by_one = KvState::default();
+        let mut expected = Vec::new();
+        let mut expected_events = Vec::new();
+        for c in &cmds {
+            let (r, ev) = one_by_one.apply(c);
+            expected.push(r);
+            expected_events.extend(ev);
+        }
+        let mut batched = KvState::default();
+        let (r, ev) = batched.apply(&Command::Batch(cmds));
+        assert_eq!(r, Response::Batch(expected));
+        assert_eq!(ev, expected_events);
+        assert_eq!(batched, one_by_one);
     }
 
     #[test]

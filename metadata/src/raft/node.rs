@@ -27,9 +27,10 @@ use super::log_store::LogStore;
 use super::network::{self, Network};
 use super::state_machine::{Shared, StateMachine};
 use super::{Node, NodeId, Raft};
-use crate::state::{Command, KvState, Output};
+use crate::state::{Command, KvState, Output, Response};
 use crate::store::{LeaseId, MetaError, Result, Watch, WatchTarget};
 use crate::wire;
+use tokio::sync::mpsc;
 
 /// How long a write or read waits for the cluster before giving up.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -88,6 +89,9 @@ pub struct MetaNode {
     deadlines: Mutex<HashMap<LeaseId, Instant>>,
     clients: Mutex<HashMap<String, MetadataClient<Channel>>>,
     ticker: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Writes waiting for the batcher (bounded: callers wait when it is full).
+    proposals: mpsc::Sender<Proposal>,
+    batcher: tokio::task::JoinHandle<()>,
     /// Held for the node's life: two processes must never share a data directory.
     _lock: Option<std::fs::File>,
 }
@@ -146,6 +150,8 @@ impl MetaNode {
         let raft = Raft::new(cfg.id, Arc::new(config), Network, log.clone(), sm)
             .await
             .map_err(|e| MetaError::Internal(format!("raft start: {e}")))?;
+        let (proposals, rx) = mpsc::channel(PROPOSAL_QUEUE);
+        let batcher = tokio::spawn(run_batcher(raft.clone(), rx));
         let node = Arc::new(MetaNode {
             id: cfg.id,
             raft,
@@ -155,6 +161,8 @@ impl MetaNode {
             deadlines: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             ticker: Mutex::new(None),
+            proposals,
+            batcher,
             _lock: lock,
         });
         let weak = Arc::downgrade(&node);
@@ -205,6 +213,7 @@ impl MetaNode {
         if let Some(t) = self.ticker.lock().take() {
             t.abort();
         }
+        self.batcher.abort();
         let _ = self.raft.shutdown().await;
     }
 
@@ -252,19 +261,17 @@ impl MetaNode {
 
     /// Applies a command if this node leads; `Unavailable(NOT_LEADER)` otherwise.
     pub async fn write_local(&self, cmd: Command) -> Result<Output> {
-        let res = tokio::time::timeout(REQUEST_TIMEOUT, self.raft.client_write(cmd)).await;
-        match res {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.proposals
+            .send(Proposal { cmd, tx })
+            .await
+            .map_err(|_| MetaError::Unavailable("metadata node stopped".into()))?;
+        match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
             Err(_) => Err(MetaError::Ambiguous("raft write timed out".into())),
-            Ok(Ok(r)) => r.data.into_result(),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                Err(MetaError::Unavailable(NOT_LEADER.into()))
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                Err(MetaError::InvalidArgument(e.to_string()))
-            }
-            Ok(Err(RaftError::Fatal(e))) => {
-                Err(MetaError::Unavailable(format!("raft stopped: {e}")))
-            }
+            Ok(Err(_)) => Err(MetaError::Ambiguous(
+                "metadata node stopped during a write".into(),
+            )),
+            Ok(Ok(r)) => r,
         }
     }
 
@@ -495,6 +502,90 @@ impl MetaNode {
             revision,
             keys,
         }
+    }
+}
+
+/// Most writes waiting for the batcher.
+const PROPOSAL_QUEUE: usize = 65_536;
+/// Most commands in one log entry.
+const MAX_BATCH: usize = 512;
+/// Batches proposed and not yet applied at once. While they are in flight, new writes queue and
+/// form the next batch, so under load each log append (one fsync) carries many writes.
+const MAX_BATCHES_IN_FLIGHT: usize = 2;
+
+struct Proposal {
+    cmd: Command,
+    tx: tokio::sync::oneshot::Sender<Result<Output>>,
+}
+
+/// Groups queued writes into `Command::Batch` log entries. openraft appends (and syncs) one
+/// client write at a time, so without this every write would pay its own fsync on the leader.
+async fn run_batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            propose(&raft, batch).await;
+        });
+    }
+}
+
+async fn propose(raft: &Raft, mut batch: Vec<Proposal>) {
+    if batch.len() == 1 {
+        let p = batch.pop().expect("one proposal");
+        let res = client_write(raft, p.cmd)
+            .await
+            .and_then(Response::into_result);
+        let _ = p.tx.send(res);
+        return;
+    }
+    let (cmds, txs): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.tx)).unzip();
+    match client_write(raft, Command::Batch(cmds)).await {
+        Ok(Response::Batch(results)) if results.len() == txs.len() => {
+            for (r, tx) in results.into_iter().zip(txs) {
+                let _ = tx.send(r.into_result());
+            }
+        }
+        Ok(other) => {
+            for tx in txs {
+                let _ = tx.send(Err(MetaError::Internal(format!(
+                    "batch answered with {other:?}"
+                ))));
+            }
+        }
+        Err(e) => {
+            for tx in txs {
+                let _ = tx.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+async fn client_write(raft: &Raft, cmd: Command) -> Result<Response> {
+    // Bounded, so that a stalled cluster cannot hold a batch slot forever.
+    let Ok(res) = tokio::time::timeout(REQUEST_TIMEOUT, raft.client_write(cmd)).await else {
+        return Err(MetaError::Ambiguous("raft write timed out".into()));
+    };
+    match res {
+        Ok(r) => Ok(r.data),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+            Err(MetaError::Unavailable(NOT_LEADER.into()))
+        }
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+            Err(MetaError::InvalidArgument(e.to_string()))
+        }
+        Err(RaftError::Fatal(e)) => Err(MetaError::Unavailable(format!("raft stopped: {e}"))),
     }
 }
 
