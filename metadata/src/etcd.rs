@@ -69,9 +69,6 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
 /// How often a watch task checks whether its watcher is gone while etcd is quiet.
 const WATCH_CLOSED_POLL: Duration = Duration::from_millis(500);
-/// Compare-and-set rounds `allocate_id` tries before giving up; each lost round means another
-/// allocator won, so the store as a whole always progresses.
-const ALLOCATE_ATTEMPTS: usize = 256;
 /// gRPC metadata asking etcd to serve a stream only while its member has a leader (etcd's
 /// `rpctypes.MetadataRequireLeaderKey`, as its own client sets on watches).
 const REQUIRE_LEADER: (&str, &str) = ("hasleader", "true");
@@ -570,43 +567,36 @@ impl MetadataStore for EtcdStore {
         Ok(())
     }
 
+    /// One unconditional put on the counter's key: etcd serializes puts, and the key's version
+    /// before this put (0 when absent) is the id. No compare, so concurrent allocators never
+    /// retry against each other; a lost reply only leaves a gap.
     async fn allocate_id(&self, counter: &str) -> Result<u64> {
         let key = self.keys.counter(counter)?;
-        let mut current = self.read_raw(&key).await?;
-        for _ in 0..ALLOCATE_ATTEMPTS {
-            let (id, guard) = match &current {
-                None => (0, compare_create(&key, compare::CompareResult::Equal, 0)),
-                Some(kv) => (
-                    decode_counter(counter, &kv.value)?,
-                    compare_mod(&key, kv.mod_revision),
-                ),
-            };
-            let next = id
-                .checked_add(1)
-                .ok_or_else(|| MetaError::Internal(format!("counter {counter:?} exhausted")))?;
-            let req = rpc::TxnRequest {
-                compare: vec![guard],
-                success: vec![op_put(rpc::PutRequest {
-                    key: key.clone(),
-                    value: Bytes::copy_from_slice(&next.to_be_bytes()),
-                    ..Default::default()
-                })],
-                failure: vec![op_range(&key)],
-            };
-            let resp = self
-                .txn(req)
-                .await
-                .map_err(|e| e.into_meta(Effect::Write))?;
-            if resp.succeeded {
-                return Ok(id);
-            }
-            // Another allocator moved the counter; the failure branch read its new value.
-            current = failure_range(resp).and_then(|r| r.kvs.into_iter().next());
+        let req = rpc::TxnRequest {
+            compare: vec![],
+            success: vec![op_put(rpc::PutRequest {
+                key,
+                value: Bytes::new(),
+                prev_kv: true,
+                ..Default::default()
+            })],
+            failure: vec![],
+        };
+        let resp = self
+            .txn(req)
+            .await
+            .map_err(|e| e.into_meta(Effect::Write))?;
+        let prev = resp.responses.into_iter().find_map(|r| match r.response {
+            Some(response_op::Response::ResponsePut(put)) => Some(put.prev_kv),
+            _ => None,
+        });
+        match prev {
+            Some(Some(kv)) => Ok(to_u64(kv.version)),
+            Some(None) => Ok(0),
+            None => Err(MetaError::Internal(format!(
+                "etcd put of counter {counter:?} returned no result"
+            ))),
         }
-        // Every lost round changed nothing, so nothing was taken.
-        Err(MetaError::Unavailable(format!(
-            "counter {counter:?}: lost {ALLOCATE_ATTEMPTS} compare-and-set rounds in a row"
-        )))
     }
 }
 
@@ -892,16 +882,6 @@ fn compare_version(key: &Bytes, version: i64) -> rpc::Compare {
     }
 }
 
-fn compare_mod(key: &Bytes, revision: i64) -> rpc::Compare {
-    rpc::Compare {
-        result: compare::CompareResult::Equal as i32,
-        target: compare::CompareTarget::Mod as i32,
-        key: key.clone(),
-        target_union: Some(compare::TargetUnion::ModRevision(revision)),
-        ..Default::default()
-    }
-}
-
 fn op_put(put: rpc::PutRequest) -> rpc::RequestOp {
     rpc::RequestOp {
         request: Some(request_op::Request::RequestPut(put)),
@@ -929,16 +909,6 @@ fn prefix_end(prefix: &[u8]) -> Bytes {
         }
     }
     Bytes::from_static(b"\0")
-}
-
-fn decode_counter(name: &str, value: &[u8]) -> Result<u64> {
-    let bytes: [u8; 8] = value.try_into().map_err(|_| {
-        MetaError::Internal(format!(
-            "counter {name:?} holds {} bytes, not an 8-byte number",
-            value.len()
-        ))
-    })?;
-    Ok(u64::from_be_bytes(bytes))
 }
 
 /// Lease ids are positive in etcd; a larger one cannot exist there.
@@ -980,12 +950,6 @@ mod tests {
         let counter = keys.counter("ledger").unwrap();
         assert_eq!(counter, Bytes::from_static(b"/quire\0counters/ledger"));
         assert!(counter < keys.prefix("") || counter >= prefix_end(&keys.prefix("")));
-    }
-
-    #[test]
-    fn counters_decode_as_big_endian() {
-        assert_eq!(decode_counter("c", &7u64.to_be_bytes()).unwrap(), 7);
-        assert!(decode_counter("c", b"short").is_err());
     }
 
     #[test]
