@@ -46,7 +46,22 @@ pub enum Command {
     Noop,
     /// Several commands in one log entry (one fsync for all), applied in order, each with its own
     /// revision, events and result, exactly as if they had been separate entries.
-    Batch(Vec<Command>),
+    Batch(#[serde(deserialize_with = "unnested")] Vec<Command>),
+}
+
+thread_local! {
+    static IN_BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Reads a batch's commands, refusing a batch inside a batch before descending into it: commands
+/// arrive from the network, and unbounded nesting would overflow the stack while decoding.
+fn unnested<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Command>, D::Error> {
+    if IN_BATCH.with(|b| b.replace(true)) {
+        return Err(serde::de::Error::custom("a batch inside a batch"));
+    }
+    let res = Vec::<Command>::deserialize(d);
+    IN_BATCH.with(|b| b.set(false));
+    res
 }
 
 impl std::fmt::Display for Command {
@@ -438,6 +453,26 @@ mod tests {
             }]
         );
         assert!(s.get("/a").is_none());
+    }
+
+    #[test]
+    fn nested_batches_are_refused_on_decode() {
+        let one = Command::Batch(vec![Command::Noop]);
+        let bytes = postcard::to_stdvec(&one).unwrap();
+        assert_eq!(postcard::from_bytes::<Command>(&bytes).unwrap(), one);
+        let nested = Command::Batch(vec![Command::Batch(vec![Command::Noop])]);
+        assert!(postcard::from_bytes::<Command>(&postcard::to_stdvec(&nested).unwrap()).is_err());
+        // Deep nesting is refused at the second level instead of overflowing the stack.
+        let mut deep = Vec::new();
+        for _ in 0..1_000_000 {
+            deep.extend_from_slice(&[7, 1]); // Batch, one element
+        }
+        assert!(postcard::from_bytes::<Command>(&deep).is_err());
+        assert_eq!(
+            postcard::from_bytes::<Command>(&bytes).unwrap(),
+            one,
+            "the guard resets"
+        );
     }
 
     #[test]

@@ -120,6 +120,34 @@ fn tail(text: &str, lines: usize) -> String {
     )
 }
 
+/// A `quire` command for a test: logs at `QUIRE_LOG` (default info) without anyhow backtraces,
+/// no stdin, and killed with the thread that starts it, so a test runner killed on a timeout
+/// leaves no process behind.
+pub fn quire_command(stdout: impl Into<Stdio>, stderr: impl Into<Stdio>) -> Command {
+    let mut cmd = Command::new(quire_bin());
+    cmd.env(
+        "QUIRE_LOG",
+        std::env::var("QUIRE_LOG").unwrap_or_else(|_| "info".into()),
+    )
+    // anyhow's error backtraces bury the cause; panics still get theirs.
+    .env(
+        "RUST_LIB_BACKTRACE",
+        std::env::var("RUST_LIB_BACKTRACE").unwrap_or_else(|_| "0".into()),
+    )
+    .stdin(Stdio::null())
+    .stdout(stdout)
+    .stderr(stderr);
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// The `quire` binary under test.
 pub fn quire_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("QUIRE_BIN") {
@@ -225,7 +253,7 @@ impl BookieProcess {
         let _ = std::fs::remove_file(&self.addr_file);
         let stdout = std::fs::File::create(self.stdout_path()).expect("create stdout log");
         let stderr = std::fs::File::create(self.stderr_path()).expect("create stderr log");
-        let mut cmd = Command::new(quire_bin());
+        let mut cmd = quire_command(stdout, stderr);
         cmd.arg("bookie")
             .arg("--config")
             .arg(&self.config_path)
@@ -238,28 +266,7 @@ impl BookieProcess {
             .arg("--addr-file")
             .arg(&self.addr_file)
             .arg("--bookie-id")
-            .arg(&self.bookie_id)
-            .env(
-                "QUIRE_LOG",
-                std::env::var("QUIRE_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            // anyhow's error backtraces bury the cause; panics still get theirs.
-            .env(
-                "RUST_LIB_BACKTRACE",
-                std::env::var("RUST_LIB_BACKTRACE").unwrap_or_else(|_| "0".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr);
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
-        // is async-signal-safe. It makes the bookie die with the thread that started it, so a
-        // test runner killed on a timeout leaves no bookie behind either.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+            .arg(&self.bookie_id);
         let child = cmd.spawn().unwrap_or_else(|e| {
             panic!("cannot spawn {}: {e}", quire_bin().display());
         });
@@ -886,20 +893,8 @@ pub struct CliOutput {
 /// Runs `quire <args>` to completion; panics if it takes longer than `timeout` (after killing
 /// it) or cannot be spawned.
 pub async fn run_quire(args: &[&str], timeout: Duration) -> CliOutput {
-    let mut cmd = Command::new(quire_bin());
-    cmd.args(args)
-        .env("RUST_LIB_BACKTRACE", "0")
-        .env("QUIRE_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: only prctl, async-signal-safe, between fork and exec (see BookieProcess).
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+    let mut cmd = quire_command(Stdio::piped(), Stdio::piped());
+    cmd.args(args).env("QUIRE_LOG", "warn");
     let child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", quire_bin().display()));
@@ -1036,7 +1031,7 @@ impl MetadataNode {
         let _ = std::fs::remove_file(&self.addr_file);
         let stdout = std::fs::File::create(self.stdout_path()).expect("create stdout log");
         let stderr = std::fs::File::create(self.stderr_path()).expect("create stderr log");
-        let mut cmd = Command::new(quire_bin());
+        let mut cmd = quire_command(stdout, stderr);
         cmd.arg("metadata")
             .arg("--id")
             .arg(self.id.to_string())
@@ -1045,25 +1040,7 @@ impl MetadataNode {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--addr-file")
-            .arg(&self.addr_file)
-            .env(
-                "QUIRE_LOG",
-                std::env::var("QUIRE_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env(
-                "RUST_LIB_BACKTRACE",
-                std::env::var("RUST_LIB_BACKTRACE").unwrap_or_else(|_| "0".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr);
-        // SAFETY: only prctl, async-signal-safe, between fork and exec (see BookieProcess).
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+            .arg(&self.addr_file);
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", quire_bin().display()));
