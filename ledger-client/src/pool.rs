@@ -1,0 +1,457 @@
+//! Connections to bookies, shared by every ledger of a client: one gRPC channel per bookie, one
+//! pipelined add stream per bookie, addresses resolved through the bookie registry.
+//!
+//! Add results are routed back to whoever sent the add through the `reply` channel given with it.
+//! Those channels and the outbound add queues are unbounded on purpose: what can be in them is
+//! bounded by the writers' in-flight limits (each pending entry is sent to at most Qw bookies at a
+//! time), and a writer's driver must never block on one slow bookie while others answer.
+//!
+//! A bookie that answers TOO_MANY_REQUESTS gets the same add again after a short pause; every
+//! other failure goes back to the sender. When an add stream breaks, every add outstanding on it
+//! fails, the connection is dropped and the next add resolves the bookie's address again (a
+//! restarted bookie may listen elsewhere).
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use quire_metadata::bookies::BookieRegistry;
+use quire_proto::StatusCode;
+use quire_proto::bookie as pb;
+use quire_proto::bookie::bookie_client::BookieClient;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+/// Entries packed into one add-stream message at most.
+const BATCH_MAX: usize = 256;
+/// Body bytes packed into one add-stream message at most (bookies cap a message at their largest
+/// entry plus 1 MiB).
+const BATCH_BYTES_MAX: usize = 512 << 10;
+/// Pause before resending an add the bookie refused with TOO_MANY_REQUESTS.
+const BUSY_RETRY: Duration = Duration::from_millis(20);
+/// Gives up resending a refused add after this many tries.
+const BUSY_RETRIES_MAX: u32 = 200;
+const MESSAGE_MAX: usize = 64 << 20;
+
+/// A failed bookie call: the Quire code and the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallError {
+    pub code: StatusCode,
+    pub message: String,
+}
+
+impl CallError {
+    fn io(message: impl Into<String>) -> Self {
+        CallError {
+            code: StatusCode::IoError,
+            message: message.into(),
+        }
+    }
+    fn from_status(s: &tonic::Status) -> Self {
+        CallError {
+            code: quire_proto::status::code_of(s),
+            message: s.message().to_string(),
+        }
+    }
+    pub fn is_missing(&self) -> bool {
+        matches!(
+            self.code,
+            StatusCode::NoSuchEntry | StatusCode::NoSuchLedger
+        )
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+/// The answer to one add, as delivered to the sender's reply channel.
+#[derive(Debug)]
+pub struct AddReply {
+    pub bookie: String,
+    pub ledger_id: u64,
+    pub entry_id: u64,
+    pub result: Result<(), CallError>,
+}
+
+pub type ReplyTx = mpsc::UnboundedSender<AddReply>;
+
+struct Waiter {
+    entry: pb::AddEntry,
+    reply: ReplyTx,
+    tries: u32,
+}
+
+/// Adds sent on one stream and not answered yet. Once `closed`, the stream's task has failed
+/// everything in `map` and nothing may be added (checked under the same lock, so no add can slip
+/// in after the final drain and wait forever).
+#[derive(Default)]
+struct WaiterMap {
+    closed: bool,
+    map: HashMap<(u64, u64), VecDeque<Waiter>>,
+}
+
+type Waiters = Arc<Mutex<WaiterMap>>;
+
+struct AddStream {
+    tx: mpsc::UnboundedSender<pb::AddEntry>,
+    waiters: Waiters,
+}
+
+struct Conn {
+    addr: String,
+    client: BookieClient<Channel>,
+    adds: Option<AddStream>,
+}
+
+pub struct BookiePool {
+    registry: BookieRegistry,
+    conns: Mutex<HashMap<String, Conn>>,
+    call_timeout: Duration,
+}
+
+impl BookiePool {
+    pub fn new(registry: BookieRegistry, call_timeout: Duration) -> Arc<Self> {
+        Arc::new(BookiePool {
+            registry,
+            conns: Mutex::new(HashMap::new()),
+            call_timeout,
+        })
+    }
+
+    async fn resolve(&self, bookie: &str) -> Result<String, CallError> {
+        let all = self
+            .registry
+            .list()
+            .await
+            .map_err(|e| CallError::io(format!("bookie registry: {e}")))?;
+        all.into_iter()
+            .find(|b| b.id == bookie)
+            .map(|b| b.info.addr)
+            .ok_or_else(|| CallError::io(format!("bookie {bookie} is not registered")))
+    }
+
+    async fn client(&self, bookie: &str) -> Result<BookieClient<Channel>, CallError> {
+        if let Some(c) = self.conns.lock().get(bookie) {
+            return Ok(c.client.clone());
+        }
+        let addr = self.resolve(bookie).await?;
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| CallError::io(format!("bad address {addr}: {e}")))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(3))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let client = BookieClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(MESSAGE_MAX)
+            .max_encoding_message_size(MESSAGE_MAX);
+        let mut conns = self.conns.lock();
+        let c = conns.entry(bookie.to_string()).or_insert(Conn {
+            addr,
+            client,
+            adds: None,
+        });
+        Ok(c.client.clone())
+    }
+
+    /// Forgets a bookie's connection after a transport failure (its address is looked up again).
+    fn forget(&self, bookie: &str, addr: &str) {
+        let mut conns = self.conns.lock();
+        if conns.get(bookie).is_some_and(|c| c.addr == addr) {
+            conns.remove(bookie);
+        }
+    }
+
+    /// Sends an add; its result goes to `reply` exactly once.
+    pub async fn send_add(self: &Arc<Self>, bookie: &str, entry: pb::AddEntry, reply: ReplyTx) {
+        let w = Waiter {
+            entry,
+            reply,
+            tries: 0,
+        };
+        self.submit(bookie, w).await;
+    }
+
+    async fn submit(self: &Arc<Self>, bookie: &str, w: Waiter) {
+        if let Err(e) = self.client(bookie).await {
+            return fail(bookie, w, e);
+        }
+        let mut conns = self.conns.lock();
+        let Some(conn) = conns.get_mut(bookie) else {
+            drop(conns);
+            return fail(bookie, w, CallError::io("connection dropped"));
+        };
+        if conn
+            .adds
+            .as_ref()
+            .is_none_or(|s| s.tx.is_closed() || s.waiters.lock().closed)
+        {
+            conn.adds = Some(self.open_stream(bookie, conn));
+        }
+        let s = conn.adds.as_ref().expect("just opened");
+        let key = (w.entry.ledger_id, w.entry.entry_id);
+        let entry = w.entry.clone();
+        let mut g = s.waiters.lock();
+        if g.closed || s.tx.send(entry).is_err() {
+            drop(g);
+            drop(conns);
+            return fail(bookie, w, CallError::io("add stream closed"));
+        }
+        g.map.entry(key).or_default().push_back(w);
+    }
+
+    /// Opens the add stream of a bookie; its task routes results until the stream ends.
+    fn open_stream(self: &Arc<Self>, bookie: &str, conn: &Conn) -> AddStream {
+        let (tx, rx) = mpsc::unbounded_channel::<pb::AddEntry>();
+        let waiters: Waiters = Arc::default();
+        let mut client = conn.client.clone();
+        let (pool, bookie, addr, w) = (
+            self.clone(),
+            bookie.to_string(),
+            conn.addr.clone(),
+            waiters.clone(),
+        );
+        tokio::spawn(async move {
+            let why = match client.add(Batcher { rx }).await {
+                Err(s) => format!("opening the add stream: {}", s.message()),
+                Ok(resp) => {
+                    let mut responses = resp.into_inner();
+                    loop {
+                        match responses.message().await {
+                            Ok(Some(msg)) => pool.route(&bookie, &w, msg).await,
+                            Ok(None) => break "add stream ended".to_string(),
+                            Err(s) => break format!("add stream failed: {}", s.message()),
+                        }
+                    }
+                }
+            };
+            tracing::debug!(%bookie, %why, "add stream closed");
+            pool.forget(&bookie, &addr);
+            drain(&bookie, &w, &why);
+        });
+        AddStream { tx, waiters }
+    }
+
+    async fn route(self: &Arc<Self>, bookie: &str, waiters: &Waiters, msg: pb::AddResponse) {
+        for r in msg.results {
+            let key = (r.ledger_id, r.entry_id);
+            let w = {
+                let mut g = waiters.lock();
+                let Some(q) = g.map.get_mut(&key) else {
+                    continue;
+                };
+                let w = q.pop_front();
+                if q.is_empty() {
+                    g.map.remove(&key);
+                }
+                w
+            };
+            let Some(w) = w else {
+                continue;
+            };
+            let code = StatusCode::try_from(r.code).unwrap_or(StatusCode::IoError);
+            if code == StatusCode::TooManyRequests && w.tries < BUSY_RETRIES_MAX {
+                let (pool, bookie) = (self.clone(), bookie.to_string());
+                tokio::spawn(async move {
+                    tokio::time::sleep(BUSY_RETRY).await;
+                    let w = Waiter {
+                        tries: w.tries + 1,
+                        ..w
+                    };
+                    pool.submit(&bookie, w).await;
+                });
+                continue;
+            }
+            let result = if code == StatusCode::Ok {
+                Ok(())
+            } else {
+                Err(CallError {
+                    code,
+                    message: r.message,
+                })
+            };
+            let _ = w.reply.send(AddReply {
+                bookie: bookie.to_string(),
+                ledger_id: r.ledger_id,
+                entry_id: r.entry_id,
+                result,
+            });
+        }
+    }
+
+    async fn unary<T, F, Fut>(&self, bookie: &str, call: F) -> Result<T, CallError>
+    where
+        F: FnOnce(BookieClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let client = self.client(bookie).await?;
+        match tokio::time::timeout(self.call_timeout, call(client)).await {
+            Err(_) => Err(CallError::io(format!(
+                "no answer from bookie {bookie} within {:?}",
+                self.call_timeout
+            ))),
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => {
+                let e = CallError::from_status(&s);
+                if s.metadata().get(quire_proto::status::CODE_KEY).is_none() {
+                    // A transport failure, not an answer: look the address up again next time.
+                    let addr = self.conns.lock().get(bookie).map(|c| c.addr.clone());
+                    if let Some(a) = addr {
+                        self.forget(bookie, &a);
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Fences a ledger on a bookie; returns its LAC.
+    pub async fn fence(&self, bookie: &str, ledger_id: u64, key: Bytes) -> Result<i64, CallError> {
+        self.unary(bookie, |mut c| async move {
+            c.fence(pb::FenceRequest {
+                ledger_id,
+                master_key: key,
+            })
+            .await
+        })
+        .await
+        .map(|r| r.lac)
+    }
+
+    /// Reads one entry (with `fence`, a recovery read that fences first).
+    pub async fn read(
+        &self,
+        bookie: &str,
+        ledger_id: u64,
+        entry_id: u64,
+        fence: Option<Bytes>,
+    ) -> Result<pb::ReadEntryResponse, CallError> {
+        self.unary(bookie, |mut c| async move {
+            c.read_entry(pb::ReadEntryRequest {
+                ledger_id,
+                entry_id: entry_id as i64,
+                fence: fence.is_some(),
+                master_key: fence.unwrap_or_default(),
+            })
+            .await
+        })
+        .await
+    }
+
+    /// A bookie's LAC of a ledger; with `wait`, long-polls until it passes `previous`.
+    pub async fn read_lac(
+        &self,
+        bookie: &str,
+        ledger_id: u64,
+        previous: i64,
+        wait: Option<Duration>,
+    ) -> Result<pb::ReadLacResponse, CallError> {
+        let timeout_ms = wait.map_or(0, |w| w.as_millis().min(u32::MAX as u128) as u32);
+        let call = |mut c: BookieClient<Channel>| async move {
+            c.read_lac(pb::ReadLacRequest {
+                ledger_id,
+                previous_lac: previous,
+                timeout_ms,
+            })
+            .await
+        };
+        match wait {
+            // The long poll itself may take `wait`: allow for it on top of the call timeout.
+            Some(w) => {
+                let client = self.client(bookie).await?;
+                match tokio::time::timeout(w + self.call_timeout, call(client)).await {
+                    Err(_) => Err(CallError::io("long poll timed out")),
+                    Ok(r) => r
+                        .map(|r| r.into_inner())
+                        .map_err(|s| CallError::from_status(&s)),
+                }
+            }
+            None => self.unary(bookie, call).await,
+        }
+    }
+
+    pub async fn write_lac(
+        &self,
+        bookie: &str,
+        ledger_id: u64,
+        key: Bytes,
+        lac: i64,
+    ) -> Result<(), CallError> {
+        self.unary(bookie, |mut c| async move {
+            c.write_lac(pb::WriteLacRequest {
+                ledger_id,
+                master_key: key,
+                lac,
+                body: Bytes::new(),
+            })
+            .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn delete_ledger(&self, bookie: &str, ledger_id: u64) -> Result<(), CallError> {
+        self.unary(bookie, |mut c| async move {
+            c.delete_ledger(pb::DeleteLedgerRequest { ledger_id }).await
+        })
+        .await
+        .map(|_| ())
+    }
+}
+
+fn fail(bookie: &str, w: Waiter, e: CallError) {
+    let _ = w.reply.send(AddReply {
+        bookie: bookie.to_string(),
+        ledger_id: w.entry.ledger_id,
+        entry_id: w.entry.entry_id,
+        result: Err(e),
+    });
+}
+
+/// Fails every add still waiting on a stream that ended.
+fn drain(bookie: &str, waiters: &Waiters, why: &str) {
+    let all: Vec<Waiter> = {
+        let mut g = waiters.lock();
+        g.closed = true;
+        g.map.drain().flat_map(|(_, q)| q.into_iter()).collect()
+    };
+    for w in all {
+        fail(bookie, w, CallError::io(why));
+    }
+}
+
+/// The outbound side of an add stream: packs whatever entries are queued into one message, up to
+/// [`BATCH_MAX`] entries and [`BATCH_BYTES_MAX`] bytes.
+struct Batcher {
+    rx: mpsc::UnboundedReceiver<pb::AddEntry>,
+}
+
+impl tokio_stream::Stream for Batcher {
+    type Item = pb::AddRequest;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let first = match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(e)) => e,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        let mut bytes = first.body.len();
+        let mut entries = vec![first];
+        while entries.len() < BATCH_MAX && bytes < BATCH_BYTES_MAX {
+            match self.rx.try_recv() {
+                Ok(e) => {
+                    bytes += e.body.len();
+                    entries.push(e);
+                }
+                Err(_) => break,
+            }
+        }
+        Poll::Ready(Some(pb::AddRequest { entries }))
+    }
+}
