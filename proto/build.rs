@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/quire/bookie/v1/bookie.proto",
         "proto/quire/metadata/v1/metadata.proto",
+        "proto/quire/ledger/v1/ledger.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

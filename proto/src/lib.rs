@@ -17,4 +17,10 @@ pub mod metadata {
     tonic::include_proto!("quire.metadata.v1");
 }
 
+/// The ledger API for applications, generated from `proto/quire/ledger/v1/ledger.proto`.
+pub mod ledger {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("quire.ledger.v1");
+}
+
 pub use bookie::StatusCode;
