@@ -1,0 +1,283 @@
+//! The client against an in-process cluster: an embedded metadata store served on loopback and
+//! real bookies (journal fsync on), all on ephemeral ports. Process-level faults (kill -9) are in
+//! the `quire-tests` crate; these check the protocol paths quickly.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use quire_ledger_client::{Client, ClientConfig, CreateOptions, LedgerError, LedgerState};
+use quire_metadata::bookies::BookieRegistry;
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    meta: Option<quire_metadata::server::MetadataServerHandle>,
+    uri: String,
+    bookies: Vec<Option<quire_bookie::Running>>,
+}
+
+impl Cluster {
+    async fn start(n: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = quire_metadata::server::serve_embedded(
+            "127.0.0.1:0".parse().unwrap(),
+            dir.path().join("meta"),
+        )
+        .await
+        .unwrap();
+        let uri = format!("quire://{}", meta.addr);
+        let mut bookies = Vec::new();
+        for i in 0..n {
+            let mut cfg = quire_bookie::BookieConfig::default();
+            cfg.listen = "127.0.0.1:0".parse().unwrap();
+            cfg.http = "127.0.0.1:0".parse().unwrap();
+            cfg.bookie_id = Some(format!("bookie-{i}"));
+            cfg.metadata = Some(uri.clone());
+            cfg.session_timeout_ms = 2000;
+            cfg.journal.dir = dir.path().join(format!("b{i}/journal"));
+            cfg.storage.ledger_dirs = vec![dir.path().join(format!("b{i}/ledgers"))];
+            bookies.push(Some(quire_bookie::start(cfg).await.unwrap()));
+        }
+        let c = Cluster {
+            _dir: dir,
+            meta: Some(meta),
+            uri,
+            bookies,
+        };
+        c.wait_writable(n).await;
+        c
+    }
+
+    async fn wait_writable(&self, n: usize) {
+        let store = quire_metadata::connect(&self.uri).await.unwrap();
+        let reg = BookieRegistry::new(store);
+        for _ in 0..200 {
+            if reg.writable().await.unwrap().len() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{n} bookies never registered");
+    }
+
+    async fn client(&self) -> Client {
+        let mut cfg = ClientConfig::new(self.uri.clone());
+        cfg.add_timeout = Duration::from_secs(2);
+        cfg.explicit_lac_interval = Some(Duration::from_millis(100));
+        Client::connect(cfg).await.unwrap()
+    }
+
+    async fn stop_bookie(&mut self, id: &str) {
+        let i: usize = id.trim_start_matches("bookie-").parse().unwrap();
+        if let Some(b) = self.bookies[i].take() {
+            b.stop().await;
+        }
+    }
+
+    async fn stop(mut self) {
+        for b in self.bookies.iter_mut().filter_map(Option::take) {
+            b.stop().await;
+        }
+        if let Some(m) = self.meta.take() {
+            m.stop().await;
+        }
+    }
+}
+
+fn payload(i: u64) -> Bytes {
+    Bytes::from(format!("entry-{i}-{}", "x".repeat((i % 7) as usize)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_close_read_back() {
+    let c = Cluster::start(3).await;
+    let client = c.client().await;
+    let w = client.create(CreateOptions::default()).await.unwrap();
+    let mut futs = Vec::new();
+    for i in 0..200u64 {
+        futs.push(w.append_async(payload(i)).await.unwrap());
+    }
+    for (i, f) in futs.into_iter().enumerate() {
+        assert_eq!(f.await.unwrap(), i as u64, "entry ids are assigned in order");
+    }
+    let meta = w.close().await.unwrap();
+    assert_eq!(meta.state, LedgerState::Closed);
+    assert_eq!(meta.last_entry_id, 199);
+    let total: u64 = (0..200).map(|i| payload(i).len() as u64).sum();
+    assert_eq!(meta.length, total);
+    assert_eq!(w.close().await.unwrap(), meta, "close is idempotent");
+    let err = w.append(payload(0)).await.unwrap_err();
+    assert_eq!(err.code(), "CLOSED");
+
+    let r = client.open(w.id(), b"").await.unwrap();
+    assert_eq!(r.lac(), 199);
+    let entries = r.read(0, 199).await.unwrap();
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(e.entry_id, i as u64);
+        assert_eq!(e.payload, payload(i as u64));
+    }
+    assert!(matches!(
+        r.read(0, 200).await,
+        Err(LedgerError::BeyondLac { .. })
+    ));
+    assert!(matches!(
+        client.open(w.id(), b"wrong").await,
+        Err(LedgerError::Unauthorized(_))
+    ));
+    // Recovering a closed ledger changes nothing.
+    let rr = client.recover(w.id(), b"").await.unwrap();
+    assert_eq!(rr.metadata(), meta);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_fences_the_writer_and_keeps_every_acknowledged_entry() {
+    let c = Cluster::start(3).await;
+    let a = c.client().await;
+    let b = c.client().await;
+    let pw = b"secret".to_vec();
+    let w = a
+        .create(CreateOptions {
+            password: pw.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for i in 0..20 {
+        w.append(payload(i)).await.unwrap();
+    }
+    let r = b.recover(w.id(), &pw).await.unwrap();
+    let meta = r.metadata();
+    assert_eq!(meta.state, LedgerState::Closed);
+    assert_eq!(meta.last_entry_id, 19, "every acknowledged entry survives");
+    let err = w.append(payload(20)).await.unwrap_err();
+    assert_eq!(err.code(), "FENCED", "{err}");
+    let entries = r.read(0, 19).await.unwrap();
+    assert_eq!(entries.len(), 20);
+    assert_eq!(entries[19].payload, payload(19));
+    // Two more recoveries agree.
+    let (x, y) = tokio::join!(a.recover(w.id(), &pw), b.recover(w.id(), &pw));
+    assert_eq!(x.unwrap().metadata().last_entry_id, 19);
+    assert_eq!(y.unwrap().metadata().last_entry_id, 19);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_recoveries_of_an_open_ledger_agree() {
+    let c = Cluster::start(3).await;
+    let a = c.client().await;
+    let w = a.create(CreateOptions::default()).await.unwrap();
+    for i in 0..50 {
+        w.append(payload(i)).await.unwrap();
+    }
+    let (b1, b2) = (c.client().await, c.client().await);
+    let (x, y) = tokio::join!(b1.recover(w.id(), b""), b2.recover(w.id(), b""));
+    let (x, y) = (x.unwrap().metadata(), y.unwrap().metadata());
+    assert_eq!(x, y);
+    assert_eq!(x.last_entry_id, 49);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_bookie_is_replaced_and_nothing_acknowledged_is_lost() {
+    let mut c = Cluster::start(4).await;
+    let client = c.client().await;
+    let w = client.create(CreateOptions::default()).await.unwrap();
+    for i in 0..50 {
+        w.append(payload(i)).await.unwrap();
+    }
+    let victim = client.metadata(w.id()).await.unwrap().value.ensembles[&0][1].clone();
+    c.stop_bookie(&victim).await;
+    for i in 50..100 {
+        w.append(payload(i)).await.unwrap();
+    }
+    let meta = w.close().await.unwrap();
+    assert_eq!(meta.last_entry_id, 99);
+    assert_eq!(meta.ensembles.len(), 2, "one ensemble change: {:?}", meta.ensembles);
+    let (first, ens) = meta.ensembles.iter().next_back().unwrap();
+    assert!(*first >= 50 && *first <= 51, "new ensemble starts at LAC+1: {first}");
+    assert!(!ens.contains(&victim));
+    let r = client.open(w.id(), b"").await.unwrap();
+    let entries = r.read(0, 99).await.unwrap();
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(e.payload, payload(i as u64));
+    }
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_spare_writes_go_on_with_the_ack_quorum() {
+    let mut c = Cluster::start(3).await;
+    let client = c.client().await;
+    let w = client.create(CreateOptions::default()).await.unwrap();
+    for i in 0..10 {
+        w.append(payload(i)).await.unwrap();
+    }
+    c.stop_bookie("bookie-2").await;
+    for i in 10..30 {
+        w.append(payload(i)).await.unwrap();
+    }
+    let meta = w.close().await.unwrap();
+    assert_eq!(meta.last_entry_id, 29);
+    let r = client.open(w.id(), b"").await.unwrap();
+    assert_eq!(r.read(0, 29).await.unwrap().len(), 30);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn striped_ledger_survives_any_one_bookie_down() {
+    let mut c = Cluster::start(5).await;
+    let client = c.client().await;
+    let w = client
+        .create(CreateOptions {
+            ensemble: 5,
+            write_quorum: 3,
+            ack_quorum: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for i in 0..40 {
+        w.append(payload(i)).await.unwrap();
+    }
+    let meta = w.close().await.unwrap();
+    c.stop_bookie("bookie-3").await;
+    let r = client.open(w.id(), b"").await.unwrap();
+    let entries = r.read(0, 39).await.unwrap();
+    assert_eq!(entries.len(), 40);
+    assert_eq!(meta.ensembles.len(), 1);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follows_the_writer_and_ends_at_close() {
+    let c = Cluster::start(3).await;
+    let client = c.client().await;
+    let w = client.create(CreateOptions::default()).await.unwrap();
+    let r = client.open(w.id(), b"").await.unwrap();
+    let tail = tokio::spawn(async move {
+        let mut s = Box::pin(r.tail(0));
+        let mut got = Vec::new();
+        while let Some(e) = s.next().await {
+            got.push(e.unwrap());
+        }
+        got
+    });
+    for i in 0..30 {
+        w.append(payload(i)).await.unwrap();
+        if i % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+    w.close().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), tail)
+        .await
+        .expect("tail ends once the ledger is closed")
+        .unwrap();
+    assert_eq!(got.len(), 30);
+    for (i, e) in got.iter().enumerate() {
+        assert_eq!(e.entry_id, i as u64);
+        assert_eq!(e.payload, payload(i as u64));
+    }
+    c.stop().await;
+}
