@@ -77,7 +77,9 @@ pub async fn start(cfg: BookieConfig) -> Result<Running, BookieError> {
             rx.clone(),
         )));
     }
-    let svc = server::BookieService::new(bookie.clone()).into_server();
+    let svc = server::BookieService::new(bookie.clone())
+        .with_shutdown(rx.clone())
+        .into_server();
     let mut stop = rx.clone();
     tasks.push(tokio::spawn(async move {
         // Small add results must not wait for Nagle's algorithm.

@@ -27,12 +27,27 @@ pub struct BookieService {
     bookie: Arc<Bookie>,
     /// One permit per open add stream.
     streams: Arc<Semaphore>,
+    /// Turns true when the server stops: add streams then stop reading and end once their
+    /// in-flight adds are answered (a client's stream never ends by itself, and graceful
+    /// shutdown would otherwise wait for it).
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl BookieService {
     pub fn new(bookie: Arc<Bookie>) -> Self {
         let streams = Arc::new(Semaphore::new(bookie.config().add_streams_max));
-        Self { bookie, streams }
+        let (_, stopping) = tokio::sync::watch::channel(false);
+        Self {
+            bookie,
+            streams,
+            stopping,
+        }
+    }
+
+    /// Ends add streams when `stopping` turns true.
+    pub fn with_shutdown(mut self, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stopping = stopping;
+        self
     }
 
     /// The tonic server for this service. One request message carries at most the largest entry
@@ -108,10 +123,20 @@ impl BookieApi for BookieService {
         let in_flight = Arc::new(Semaphore::new(self.bookie.config().stream_in_flight_max));
         let (done_tx, done_rx) = mpsc::unbounded_channel::<(pb::AddResult, OwnedSemaphorePermit)>();
         let bookie = self.bookie.clone();
+        let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
             let _stream_permit = stream_permit;
             loop {
-                let msg = match inbound.message().await {
+                let next = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = async {
+                        // A dropped sender means "never stopping" (a service without shutdown).
+                        if stopping.wait_for(|s| *s).await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    } => break,
+                };
+                let msg = match next {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => {
