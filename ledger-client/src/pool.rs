@@ -179,7 +179,9 @@ impl BookiePool {
     }
 
     async fn submit(self: &Arc<Self>, bookie: &str, w: Waiter) {
-        if let Err(e) = self.client(bookie).await {
+        if !self.conns.lock().contains_key(bookie)
+            && let Err(e) = self.client(bookie).await
+        {
             return fail(bookie, w, e);
         }
         let mut conns = self.conns.lock();
