@@ -146,10 +146,27 @@ impl BookieArgs {
 }
 
 fn write_addr_file(path: &Path, grpc: SocketAddr, http: SocketAddr) -> anyhow::Result<()> {
+    write_file_atomic(path, &format!("{grpc}\n{http}\n"))
+}
+
+/// Writes `text` to `path` through a temporary file and a rename, so that a reader polling for
+/// the file (an address file) never sees half of it.
+pub(crate) fn write_file_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{grpc}\n{http}\n"))
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT (the signals that stop a server cleanly).
+pub(crate) async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
     Ok(())
 }
 
@@ -170,13 +187,7 @@ pub async fn run(args: BookieArgs) -> anyhow::Result<()> {
         running.grpc_addr,
         running.http_addr
     );
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
+    shutdown_signal().await?;
     running.stop().await;
     Ok(())
 }

@@ -5,7 +5,9 @@
 mod bench;
 mod bench_metadata;
 mod bookie;
+mod ledger_api;
 mod metadata;
+mod standalone;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +24,11 @@ enum Command {
     Bookie(bookie::BookieArgs),
     /// Run a metadata node (raft), or manage and inspect a metadata cluster.
     Metadata(metadata::MetadataArgs),
+    /// Run everything in one process on one directory: metadata store, three bookies and the
+    /// gRPC ledger API.
+    Standalone(standalone::StandaloneArgs),
+    /// Serve the gRPC ledger API (a gateway over the ledger client).
+    LedgerApi(ledger_api::LedgerApiArgs),
     /// Load generators that measure throughput and latency.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -50,6 +57,8 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Bookie(args) => bookie::run(args).await,
             Command::Metadata(args) => metadata::run(args).await,
+            Command::Standalone(args) => standalone::run(args).await,
+            Command::LedgerApi(args) => ledger_api::run(args).await,
             Command::Bench(cmd) => bench::run(cmd).await,
         }
     })

@@ -1388,3 +1388,252 @@ impl MetadataCluster {
         }
     }
 }
+
+/// How long `quire standalone` may take to start (metadata store, three bookies registered,
+/// ledger API) or to stop.
+pub const STANDALONE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The addresses a `quire standalone` process wrote to its `--addr-file`.
+#[derive(Debug, Clone)]
+pub struct StandaloneAddrs {
+    pub metadata: SocketAddr,
+    pub ledger_api: SocketAddr,
+    pub bookies: Vec<SocketAddr>,
+}
+
+fn read_standalone_addrs(path: &Path) -> Option<StandaloneAddrs> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let addr = |v: &serde_json::Value| v.as_str()?.parse::<SocketAddr>().ok();
+    Some(StandaloneAddrs {
+        metadata: addr(&v["metadata"])?,
+        ledger_api: addr(&v["ledger_api"])?,
+        bookies: v["bookies"]
+            .as_array()?
+            .iter()
+            .map(addr)
+            .collect::<Option<Vec<_>>>()?,
+    })
+}
+
+/// One `quire standalone` process (and its restarts) on a per-test data directory, every
+/// server on a 127.0.0.1 ephemeral port. Dropping it kills the process; a panicking test keeps
+/// the directory and prints where the logs are.
+pub struct StandaloneProcess {
+    root: Option<tempfile::TempDir>,
+    root_path: PathBuf,
+    data_dir: PathBuf,
+    addr_file: PathBuf,
+    log_dir: PathBuf,
+    child: Option<Child>,
+    addrs: Option<StandaloneAddrs>,
+    runs: u32,
+}
+
+impl StandaloneProcess {
+    /// Starts `quire standalone` on a new directory; panics (with its stderr) when it does not
+    /// come up.
+    pub async fn start(name: &str) -> Self {
+        let root = tempfile::Builder::new()
+            .prefix(&format!("quire-test-{name}-"))
+            .tempdir()
+            .expect("create test directory");
+        let root_path = root.path().to_path_buf();
+        let log_dir = root_path.join("logs");
+        std::fs::create_dir_all(&log_dir).expect("create log directory");
+        let mut p = StandaloneProcess {
+            data_dir: root_path.join("data"),
+            addr_file: root_path.join("addrs.json"),
+            root: Some(root),
+            root_path,
+            log_dir,
+            child: None,
+            addrs: None,
+            runs: 0,
+        };
+        p.restart().await;
+        p
+    }
+
+    /// Starts it again on the same data directory (new ports), stopping it first with SIGTERM
+    /// if it is running.
+    pub async fn restart(&mut self) {
+        if self.is_running() {
+            self.terminate().await;
+        }
+        self.runs += 1;
+        let _ = std::fs::remove_file(&self.addr_file);
+        let stdout = std::fs::File::create(self.stdout_path()).expect("create stdout log");
+        let stderr = std::fs::File::create(self.stderr_path()).expect("create stderr log");
+        let mut cmd = quire_command(stdout, stderr);
+        cmd.arg("standalone")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--addr-file")
+            .arg(&self.addr_file)
+            .args([
+                "--metadata-listen",
+                "127.0.0.1:0",
+                "--api-listen",
+                "127.0.0.1:0",
+                "--bookie-listen-base",
+                "127.0.0.1:0",
+                "--bookie-http-base",
+                "127.0.0.1:0",
+            ]);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", quire_bin().display()));
+        self.child = Some(child);
+        let deadline = Instant::now() + STANDALONE_TIMEOUT;
+        loop {
+            let child = self.child.as_mut().expect("spawned above");
+            if let Some(status) = child.try_wait().expect("wait for standalone") {
+                self.child = None;
+                panic!(
+                    "quire standalone exited with {status} instead of serving; stderr:\n{}",
+                    tail(&self.last_stderr(), 40)
+                );
+            }
+            if let Some(a) = read_standalone_addrs(&self.addr_file) {
+                self.addrs = Some(a);
+                return;
+            }
+            if Instant::now() >= deadline {
+                self.kill9();
+                panic!(
+                    "quire standalone did not serve within {STANDALONE_TIMEOUT:?}; stderr:\n{}",
+                    tail(&self.last_stderr(), 40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The addresses of the current run.
+    pub fn addrs(&self) -> &StandaloneAddrs {
+        assert!(self.is_running(), "quire standalone is not running");
+        self.addrs.as_ref().expect("addresses known while running")
+    }
+
+    /// The ledger API address of the current run.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.addrs().ledger_api
+    }
+
+    /// A new gRPC client of the ledger API.
+    pub async fn ledger_client(
+        &self,
+    ) -> quire_proto::ledger::ledger_service_client::LedgerServiceClient<Channel> {
+        let url = format!("http://{}", self.api_addr());
+        let endpoint = tonic::transport::Endpoint::from_shared(url)
+            .expect("valid endpoint")
+            .connect_timeout(Duration::from_secs(10));
+        let channel = tokio::time::timeout(RPC_TIMEOUT, endpoint.connect())
+            .await
+            .expect("connect timed out")
+            .expect("connect to the ledger API");
+        quire_proto::ledger::ledger_service_client::LedgerServiceClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// The process id while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL: the crash fault. Returns once the process is gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.addrs = None;
+    }
+
+    /// SIGTERM and wait for the clean shutdown; panics unless it exits 0 in time.
+    pub async fn terminate(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        self.addrs = None;
+        send_signal(child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + STANDALONE_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for standalone") {
+                assert!(
+                    status.success(),
+                    "quire standalone exited with {status} after SIGTERM; stderr:\n{}",
+                    tail(&self.last_stderr(), 40)
+                );
+                return;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "quire standalone did not stop within {STANDALONE_TIMEOUT:?} of SIGTERM (logs: {})",
+                    self.log_dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The `--data-dir` it runs on.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The per-test directory (scratch space for the test too).
+    pub fn root(&self) -> &Path {
+        &self.root_path
+    }
+
+    pub fn log_dir(&self) -> &Path {
+        &self.log_dir
+    }
+
+    fn stdout_path(&self) -> PathBuf {
+        self.log_dir.join(format!("run-{}.stdout.log", self.runs))
+    }
+
+    fn stderr_path(&self) -> PathBuf {
+        self.log_dir.join(format!("run-{}.stderr.log", self.runs))
+    }
+
+    /// Everything the latest run wrote to stdout.
+    pub fn last_stdout(&self) -> String {
+        std::fs::read_to_string(self.stdout_path()).unwrap_or_default()
+    }
+
+    /// Everything the latest run wrote to stderr.
+    pub fn last_stderr(&self) -> String {
+        std::fs::read_to_string(self.stderr_path()).unwrap_or_default()
+    }
+}
+
+impl Drop for StandaloneProcess {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            if let Some(root) = self.root.take() {
+                let kept = root.keep();
+                eprintln!(
+                    "test failed: quire standalone kept its directory {} (logs in {})",
+                    kept.display(),
+                    kept.join("logs").display()
+                );
+            }
+            eprintln!(
+                "last stderr of quire standalone:\n{}",
+                tail(&self.last_stderr(), 30)
+            );
+        }
+    }
+}
