@@ -152,7 +152,11 @@ impl Servers {
     }
 }
 
-async fn start(args: &StandaloneArgs, servers: &mut Servers) -> anyhow::Result<serde_json::Value> {
+/// Starts everything; returns the addresses as JSON and as text.
+async fn start(
+    args: &StandaloneArgs,
+    servers: &mut Servers,
+) -> anyhow::Result<(serde_json::Value, String)> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let dir = args
@@ -194,35 +198,63 @@ async fn start(args: &StandaloneArgs, servers: &mut Servers) -> anyhow::Result<s
     let api_addr = api.addr;
     servers.api = Some(api);
 
-    println!("quire standalone serving (data in {})", dir.display());
-    println!("  metadata    {meta_addr}  ({uri})");
-    println!("  ledger API  {api_addr}");
+    let mut summary = format!("quire standalone serving (data in {})\n", dir.display());
+    summary += &format!("  metadata    {meta_addr}  ({uri})\n");
+    summary += &format!("  ledger API  {api_addr}\n");
     for b in &servers.bookies {
-        println!(
-            "  bookie      {}  {} (HTTP {})",
+        summary += &format!(
+            "  bookie      {}  {} (HTTP {})\n",
             b.bookie.id(),
             b.grpc_addr,
             b.http_addr
         );
     }
-    Ok(serde_json::json!({
+    let json = serde_json::json!({
         "metadata": meta_addr.to_string(),
         "ledger_api": api_addr.to_string(),
         "bookies": servers.bookies.iter().map(|b| b.grpc_addr.to_string()).collect::<Vec<_>>(),
         "bookie_ids": servers.bookies.iter().map(|b| b.bookie.id().to_string()).collect::<Vec<_>>(),
         "bookie_http": servers.bookies.iter().map(|b| b.http_addr.to_string()).collect::<Vec<_>>(),
-    }))
+    });
+    Ok((json, summary))
 }
 
 pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
+    // One signal listener for the whole run. A signal during start-up lets the start finish
+    // (it is bounded, and a bookie half opened on a blocking thread cannot be abandoned
+    // cleanly), then stops everything.
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let mut signalled = false;
     let mut servers = Servers::default();
-    let addrs = match start(&args, &mut servers).await {
+    let started = {
+        let starting = start(&args, &mut servers);
+        tokio::pin!(starting);
+        loop {
+            tokio::select! {
+                r = &mut starting => break r,
+                r = &mut signal, if !signalled => {
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "waiting for signals failed");
+                    }
+                    tracing::info!("stopping once start-up is over");
+                    signalled = true;
+                }
+            }
+        }
+    };
+    let (addrs, summary) = match started {
         Ok(a) => a,
         Err(e) => {
             servers.stop().await;
             return Err(e);
         }
     };
+    if signalled {
+        servers.stop().await;
+        return Ok(());
+    }
+    print!("{summary}");
     if let Some(p) = &args.addr_file {
         let text = format!("{}\n", serde_json::to_string_pretty(&addrs)?);
         if let Err(e) = write_file_atomic(p, &text) {
@@ -230,7 +262,7 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
             return Err(e);
         }
     }
-    let r = shutdown_signal().await;
+    let r = signal.await;
     servers.stop().await;
     r
 }

@@ -28,6 +28,8 @@ use crate::error::{
 const STREAM_QUEUE: usize = 8;
 /// Entry ids in one append response at most.
 const IDS_PER_RESPONSE: usize = 4096;
+/// How long an append stream may wait for its first request (the one naming the ledger).
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default and longest LAC long poll.
 const LAC_WAIT_DEFAULT: Duration = Duration::from_secs(10);
 const LAC_WAIT_MAX: Duration = Duration::from_secs(60);
@@ -338,7 +340,10 @@ impl LedgerGateway {
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), Status> {
         let first = tokio::select! {
-            m = inbound.message() => m?,
+            m = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, inbound.message()) => match m {
+                Ok(m) => m?,
+                Err(_) => return Err(timed_out("the first append request", FIRST_REQUEST_TIMEOUT)),
+            },
             _ = stop.wait_for(|s| *s) => return Err(shutting_down()),
         };
         let Some(first) = first else {

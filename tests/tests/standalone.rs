@@ -588,3 +588,124 @@ async fn python_example_runs_against_standalone() {
         );
     }
 }
+
+/// A `quire ledger-api` process; killed when dropped.
+struct GatewayProcess {
+    child: Option<std::process::Child>,
+    addr: std::net::SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl GatewayProcess {
+    async fn start(metadata: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("quire-test-ledger-api-")
+            .tempdir()
+            .expect("test directory");
+        let addr_file = dir.path().join("addr");
+        let stdout = std::fs::File::create(dir.path().join("stdout.log")).expect("log");
+        let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log");
+        let mut cmd = quire_tests::quire_command(stdout, stderr);
+        cmd.args([
+            "ledger-api",
+            "--metadata",
+            metadata,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--addr-file")
+        .arg(&addr_file);
+        let mut g = GatewayProcess {
+            child: Some(cmd.spawn().expect("spawn quire ledger-api")),
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            dir,
+        };
+        let deadline = std::time::Instant::now() + quire_tests::START_TIMEOUT;
+        loop {
+            let child = g.child.as_mut().expect("running");
+            if let Some(status) = child.try_wait().expect("wait") {
+                g.child = None;
+                panic!("quire ledger-api exited with {status}:\n{}", g.stderr());
+            }
+            let bound = std::fs::read_to_string(&addr_file)
+                .ok()
+                .and_then(|t| t.lines().next()?.trim().parse().ok());
+            if let Some(a) = bound {
+                g.addr = a;
+                return g;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "quire ledger-api did not serve:\n{}",
+                g.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    async fn client(&self) -> Api {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint");
+        let channel = timed("connect", endpoint.connect())
+            .await
+            .expect("connect to quire ledger-api");
+        LedgerServiceClient::new(channel).max_encoding_message_size(64 << 20)
+    }
+
+    /// SIGTERM; asserts a clean exit in time.
+    async fn terminate(&mut self) {
+        let mut child = self.child.take().expect("running");
+        quire_tests::send_signal(child.id(), libc::SIGTERM);
+        let deadline = std::time::Instant::now() + quire_tests::START_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                assert!(status.success(), "exit {status}:\n{}", self.stderr());
+                return;
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("quire ledger-api did not stop after SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[tokio::test]
+async fn ledger_api_role_serves_the_same_ledgers() {
+    let sa = StandaloneProcess::start("standalone-gateway").await;
+    let mut gw = GatewayProcess::start(&format!("quire://{}", sa.addrs().metadata)).await;
+    let mut via_gw = gw.client().await;
+    let mut via_sa = sa.ledger_client().await;
+
+    let ledger = create(&mut via_gw, 3, 3, 2).await.expect("create");
+    let data = payloads("gateway", 10);
+    append(&mut via_gw, ledger, &data, 4).await.expect("append");
+    // The writer lives in the gateway that created the ledger.
+    let (_, s) = append(&mut via_sa, ledger, &data[..1], 1)
+        .await
+        .expect_err("append through another gateway");
+    assert_code(&s, Code::FailedPrecondition, "NOT_WRITER");
+    close(&mut via_gw, ledger).await.expect("close");
+    assert_entries(
+        &read(&mut via_sa, ledger, 0, -1, false)
+            .await
+            .expect("read through the standalone's API"),
+        &data,
+    );
+    gw.terminate().await;
+}
