@@ -106,7 +106,9 @@ pub fn choose_replacement(
     let pick = if preferred.is_empty() {
         free.get(rng.random_range(0..free.len())).copied()
     } else {
-        preferred.get(rng.random_range(0..preferred.len())).map(|c| **c)
+        preferred
+            .get(rng.random_range(0..preferred.len()))
+            .map(|c| **c)
     };
     pick.map(|c| c.id.clone())
 }
@@ -139,7 +141,13 @@ mod tests {
     fn random_ensembles_are_distinct_bookies() {
         for seed in 0..50 {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let c = cands(&[("a", None), ("b", None), ("c", None), ("d", None), ("e", None)]);
+            let c = cands(&[
+                ("a", None),
+                ("b", None),
+                ("c", None),
+                ("d", None),
+                ("e", None),
+            ]);
             let mut ens = choose_ensemble(&c, 3, &mut rng).unwrap();
             ens.sort();
             ens.dedup();

@@ -292,7 +292,12 @@ impl LedgerReader {
     pub fn tail(&self, from: u64) -> impl futures::Stream<Item = Result<Entry>> + Send + 'static {
         let reader = self.clone();
         futures::stream::unfold(
-            (reader, from, std::collections::VecDeque::<Entry>::new(), false),
+            (
+                reader,
+                from,
+                std::collections::VecDeque::<Entry>::new(),
+                false,
+            ),
             |(r, next, mut buf, done)| async move {
                 if done {
                     return None;

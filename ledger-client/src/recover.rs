@@ -65,7 +65,12 @@ pub(crate) async fn recover(
                     .map_err(|e| LedgerError::InvalidArgument(e.to_string()))?;
                 match cas(shared, id, &closed, marked.version).await {
                     Ok(v) => {
-                        tracing::info!(ledger_id = id, last_entry_id = last, length, "ledger recovered");
+                        tracing::info!(
+                            ledger_id = id,
+                            last_entry_id = last,
+                            length,
+                            "ledger recovered"
+                        );
                         return Ok(v);
                     }
                     Err(CasError::Conflict(cur)) if cur.value.state == LedgerState::Closed => {
@@ -123,9 +128,7 @@ async fn run(shared: &Shared, id: u64, key: &Bytes, meta: &LedgerMetadata) -> Re
                 } => {
                     let (pool, key) = (shared.pool.clone(), key.clone());
                     calls.push(tokio::spawn(async move {
-                        let r = pool
-                            .read(&bookie, id, entry_id, fence.then_some(key))
-                            .await;
+                        let r = pool.read(&bookie, id, entry_id, fence.then_some(key)).await;
                         Answer::Read(bookie, entry_id, read_outcome(r))
                     }));
                 }
@@ -141,7 +144,10 @@ async fn run(shared: &Shared, id: u64, key: &Bytes, meta: &LedgerMetadata) -> Re
                         recovery: true,
                         body,
                     };
-                    shared.pool.send_add(&bookie, entry, replies_tx.clone()).await;
+                    shared
+                        .pool
+                        .send_add(&bookie, entry, replies_tx.clone())
+                        .await;
                 }
                 RecoveryOutput::Close {
                     last_entry_id,

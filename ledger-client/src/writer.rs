@@ -36,11 +36,14 @@ const DOWN_RETRY: Duration = Duration::from_secs(10);
 const METADATA_RETRY_MAX: Duration = Duration::from_secs(30);
 const COMMANDS_MAX: usize = 1024;
 
+/// The in-flight permits of one append: its entry and its payload bytes.
+type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
+
 enum Command {
     Append {
         payload: Bytes,
         reply: oneshot::Sender<Result<u64>>,
-        permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+        permits: Permits,
     },
     Close(oneshot::Sender<Result<LedgerMetadata>>),
 }
@@ -219,11 +222,7 @@ struct Driver {
     master_key: Bytes,
     state: Arc<State>,
     /// Appends not acknowledged yet, in entry order.
-    waiting: VecDeque<(
-        u64,
-        oneshot::Sender<Result<u64>>,
-        (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
-    )>,
+    waiting: VecDeque<(u64, oneshot::Sender<Result<u64>>, Permits)>,
     closing: Vec<oneshot::Sender<Result<LedgerMetadata>>>,
     events_tx: mpsc::UnboundedSender<Event>,
     replies_tx: mpsc::UnboundedSender<AddReply>,
@@ -265,7 +264,10 @@ impl Driver {
                 _ = tick.tick() => self.tick().await,
             }
             self.maybe_close();
-            if self.state.outcome.lock().is_some() && self.closing.is_empty() && self.waiting.is_empty() {
+            if self.state.outcome.lock().is_some()
+                && self.closing.is_empty()
+                && self.waiting.is_empty()
+            {
                 break;
             }
             if !commands_open && self.waiting.is_empty() && self.closing.is_empty() {
@@ -368,11 +370,8 @@ impl Driver {
             let mut rng = rand::rng();
             let mut chosen: Vec<(usize, String)> = Vec::new();
             let mut ensemble = ch.ensemble.clone();
-            let failed: BTreeSet<String> = ch
-                .replace
-                .iter()
-                .map(|p| ch.ensemble[*p].clone())
-                .collect();
+            let failed: BTreeSet<String> =
+                ch.replace.iter().map(|p| ch.ensemble[*p].clone()).collect();
             for pos in &ch.replace {
                 match placement::choose_replacement(
                     &candidates,
@@ -513,19 +512,14 @@ impl Driver {
             }
         };
         let (shared, events) = (self.shared.clone(), self.events_tx.clone());
-        let (id, version, lac) = (
-            self.core.ledger_id(),
-            self.core.version(),
-            self.core.lac(),
-        );
+        let (id, version, lac) = (self.core.ledger_id(), self.core.version(), self.core.lac());
         tokio::spawn(async move {
             let r = match cas(&shared, id, &closed, version).await {
                 Ok(v) => Ok(v),
                 // Someone else closed it: fine when at our LAC (an earlier attempt of ours whose
                 // answer was lost, or a recovery that found exactly our entries); fenced otherwise.
                 Err(CasError::Conflict(cur))
-                    if cur.value.state == LedgerState::Closed
-                        && cur.value.last_entry_id == lac =>
+                    if cur.value.state == LedgerState::Closed && cur.value.last_entry_id == lac =>
                 {
                     Ok(cur)
                 }

@@ -28,12 +28,14 @@ impl Cluster {
         let uri = format!("quire://{}", meta.addr);
         let mut bookies = Vec::new();
         for i in 0..n {
-            let mut cfg = quire_bookie::BookieConfig::default();
-            cfg.listen = "127.0.0.1:0".parse().unwrap();
-            cfg.http = "127.0.0.1:0".parse().unwrap();
-            cfg.bookie_id = Some(format!("bookie-{i}"));
-            cfg.metadata = Some(uri.clone());
-            cfg.session_timeout_ms = 2000;
+            let mut cfg = quire_bookie::BookieConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                http: "127.0.0.1:0".parse().unwrap(),
+                bookie_id: Some(format!("bookie-{i}")),
+                metadata: Some(uri.clone()),
+                session_timeout_ms: 2000,
+                ..Default::default()
+            };
             cfg.journal.dir = dir.path().join(format!("b{i}/journal"));
             cfg.storage.ledger_dirs = vec![dir.path().join(format!("b{i}/ledgers"))];
             bookies.push(Some(quire_bookie::start(cfg).await.unwrap()));
@@ -98,7 +100,11 @@ async fn write_close_read_back() {
         futs.push(w.append_async(payload(i)).await.unwrap());
     }
     for (i, f) in futs.into_iter().enumerate() {
-        assert_eq!(f.await.unwrap(), i as u64, "entry ids are assigned in order");
+        assert_eq!(
+            f.await.unwrap(),
+            i as u64,
+            "entry ids are assigned in order"
+        );
     }
     let meta = w.close().await.unwrap();
     assert_eq!(meta.state, LedgerState::Closed);
@@ -193,9 +199,17 @@ async fn a_failed_bookie_is_replaced_and_nothing_acknowledged_is_lost() {
     }
     let meta = w.close().await.unwrap();
     assert_eq!(meta.last_entry_id, 99);
-    assert_eq!(meta.ensembles.len(), 2, "one ensemble change: {:?}", meta.ensembles);
+    assert_eq!(
+        meta.ensembles.len(),
+        2,
+        "one ensemble change: {:?}",
+        meta.ensembles
+    );
     let (first, ens) = meta.ensembles.iter().next_back().unwrap();
-    assert!(*first >= 50 && *first <= 51, "new ensemble starts at LAC+1: {first}");
+    assert!(
+        *first >= 50 && *first <= 51,
+        "new ensemble starts at LAC+1: {first}"
+    );
     assert!(!ens.contains(&victim));
     let r = client.open(w.id(), b"").await.unwrap();
     let entries = r.read(0, 99).await.unwrap();
