@@ -28,7 +28,9 @@ use crate::error::LedgerError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FenceOutcome {
     /// Fenced; the bookie's LAC for the ledger.
-    Ok { lac: i64 },
+    Ok {
+        lac: i64,
+    },
     Unauthorized,
     Failed(String),
 }
@@ -46,7 +48,9 @@ pub enum ReadOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecoveryOutput {
     /// Fence the ledger on `bookie` and report its LAC.
-    Fence { bookie: String },
+    Fence {
+        bookie: String,
+    },
     /// Read `entry_id` from `bookie`; with `fence`, the read fences the ledger first.
     Read {
         bookie: String,
@@ -60,7 +64,10 @@ pub enum RecoveryOutput {
         body: Bytes,
     },
     /// Close the ledger at `last_entry_id` with `length`.
-    Close { last_entry_id: i64, length: u64 },
+    Close {
+        last_entry_id: i64,
+        length: u64,
+    },
     Failed(LedgerError),
 }
 
@@ -240,7 +247,6 @@ impl RecoveryCore {
             })
             .collect()
     }
-
 
     pub fn on_read(
         &mut self,
@@ -428,14 +434,28 @@ mod tests {
         let mut r = RecoveryCore::new(9, meta(3, 3, 2));
         r.on_fence("b0", FenceOutcome::Ok { lac: 0 });
         let probe = r.on_fence("b1", FenceOutcome::Ok { lac: 0 });
-        assert!(matches!(&probe[..], [RecoveryOutput::Read { entry_id: 0, fence: false, .. }]));
+        assert!(matches!(
+            &probe[..],
+            [RecoveryOutput::Read {
+                entry_id: 0,
+                fence: false,
+                ..
+            }]
+        ));
         let reads = r.on_read("b0", 0, ReadOutcome::Found(body(0, 1)));
         assert_eq!(reads.len(), 3);
         let writes = r.on_read("b1", 1, ReadOutcome::Found(body(1, 2)));
         assert_eq!(writes.len(), 3);
         assert!(r.on_write("b0", 1, Ok(())).is_empty());
         let next = r.on_write("b2", 1, Ok(()));
-        assert!(matches!(&next[0], RecoveryOutput::Read { entry_id: 2, fence: true, .. }));
+        assert!(matches!(
+            &next[0],
+            RecoveryOutput::Read {
+                entry_id: 2,
+                fence: true,
+                ..
+            }
+        ));
         r.on_read("b0", 2, ReadOutcome::Missing);
         let close = r.on_read("b1", 2, ReadOutcome::Missing);
         assert_eq!(
@@ -454,10 +474,16 @@ mod tests {
         r.on_fence("b1", FenceOutcome::Ok { lac: -1 });
         let mut bad = body(0, 1).to_vec();
         bad[40 - 3] ^= 1;
-        assert!(r.on_read("b0", 0, ReadOutcome::Found(bad.into())).is_empty());
+        assert!(
+            r.on_read("b0", 0, ReadOutcome::Found(bad.into()))
+                .is_empty()
+        );
         assert!(r.on_read("b1", 0, ReadOutcome::Missing).is_empty());
         let out = r.on_read("b2", 0, ReadOutcome::Failed("down".into()));
-        assert!(matches!(&out[..], [RecoveryOutput::Failed(LedgerError::RecoveryIncomplete(..))]));
+        assert!(matches!(
+            &out[..],
+            [RecoveryOutput::Failed(LedgerError::RecoveryIncomplete(..))]
+        ));
     }
 
     #[test]
@@ -466,7 +492,10 @@ mod tests {
         r.on_fence("b0", FenceOutcome::Ok { lac: -1 });
         r.on_fence("b1", FenceOutcome::Failed("x".into()));
         let out = r.on_fence("b2", FenceOutcome::Failed("y".into()));
-        assert!(matches!(&out[..], [RecoveryOutput::Failed(LedgerError::RecoveryIncomplete(..))]));
+        assert!(matches!(
+            &out[..],
+            [RecoveryOutput::Failed(LedgerError::RecoveryIncomplete(..))]
+        ));
     }
 
     #[test]
@@ -478,6 +507,13 @@ mod tests {
         r.on_fence("b0", FenceOutcome::Ok { lac: 2 });
         let out = r.on_fence("b3", FenceOutcome::Ok { lac: 1 });
         // LAC 2 < first entry 5 of the last ensemble: probe entry 4 in the earlier fragment.
-        assert!(matches!(&out[..], [RecoveryOutput::Read { entry_id: 4, fence: false, .. }]));
+        assert!(matches!(
+            &out[..],
+            [RecoveryOutput::Read {
+                entry_id: 4,
+                fence: false,
+                ..
+            }]
+        ));
     }
 }

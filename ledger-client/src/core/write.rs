@@ -348,7 +348,11 @@ impl WriteCore {
     /// The CAS found other metadata. A ledger no longer OPEN was recovered or closed: fenced.
     /// Otherwise, when the last ensemble is still ours (another party changed only earlier
     /// fragments), the change is retried on top of `current`.
-    pub fn on_change_conflict(&mut self, current: LedgerMetadata, version: u64) -> Vec<WriteOutput> {
+    pub fn on_change_conflict(
+        &mut self,
+        current: LedgerMetadata,
+        version: u64,
+    ) -> Vec<WriteOutput> {
         if self.error.is_some() {
             return Vec::new();
         }
