@@ -21,6 +21,9 @@ pub enum BenchCommand {
     Bookie(BookieBench),
     /// Compare-and-set and ledger-create load on a metadata store.
     Metadata(crate::bench_metadata::MetadataBench),
+    /// Sustained quorum appends through the ledger client (bookies found via the metadata
+    /// store).
+    Ledger(crate::bench_ledger::LedgerBench),
 }
 
 #[derive(Args)]
@@ -63,6 +66,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Bookie(b) => bench_bookie(b).await,
         BenchCommand::Metadata(m) => crate::bench_metadata::bench_metadata(m).await,
+        BenchCommand::Ledger(l) => crate::bench_ledger::bench_ledger(l).await,
     }
 }
 

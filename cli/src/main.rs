@@ -3,8 +3,10 @@
 //! library crate; the work lives in the libraries.
 
 mod bench;
+mod bench_ledger;
 mod bench_metadata;
 mod bookie;
+mod ledger;
 mod ledger_api;
 mod metadata;
 mod standalone;
@@ -29,6 +31,9 @@ enum Command {
     Standalone(standalone::StandaloneArgs),
     /// Serve the gRPC ledger API (a gateway over the ledger client).
     LedgerApi(ledger_api::LedgerApiArgs),
+    /// Ledger tools: create, write stdin, read, tail, close, delete, list, info.
+    #[command(subcommand)]
+    Ledger(ledger::LedgerCommand),
     /// Load generators that measure throughput and latency.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -59,6 +64,7 @@ fn main() -> anyhow::Result<()> {
             Command::Metadata(args) => metadata::run(args).await,
             Command::Standalone(args) => standalone::run(args).await,
             Command::LedgerApi(args) => ledger_api::run(args).await,
+            Command::Ledger(cmd) => ledger::run(cmd).await,
             Command::Bench(cmd) => bench::run(cmd).await,
         }
     })
