@@ -178,7 +178,8 @@ impl Client {
             )));
         }
         let candidates = self.shared.candidates().await?;
-        let ensemble = placement::choose_ensemble(&candidates, e as usize, &mut rand::rng())?;
+        let ensemble =
+            placement::choose_ensemble(&candidates, e as usize, qw as usize, &mut rand::rng())?;
         let meta = LedgerMetadata::new(
             ensemble,
             qw,

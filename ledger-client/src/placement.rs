@@ -1,9 +1,10 @@
 //! Ensemble placement: which bookies a new ledger (or a replacement) uses.
 //!
 //! Random by default. When bookies carry zone labels, zone-aware: the ensemble takes bookies from
-//! the zones in turn, so consecutive positions — and therefore the Qw consecutive positions of a
-//! write set — sit in different zones where the zones allow it; a replacement prefers a zone not
-//! already used by the write sets it joins. Only read-write bookies are candidates.
+//! the zones in turn (so it spans as many zones as it can), then its order is chosen so that the
+//! Qw consecutive positions of each write set (wrapping around) repeat a zone as little as
+//! possible; a replacement prefers a zone not already used by the write sets it joins. Only
+//! read-write bookies are candidates.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -24,6 +25,7 @@ pub struct Candidate {
 pub fn choose_ensemble(
     candidates: &[Candidate],
     size: usize,
+    write_quorum: usize,
     rng: &mut impl Rng,
 ) -> Result<Vec<String>, LedgerError> {
     if candidates.len() < size {
@@ -63,8 +65,39 @@ pub fn choose_ensemble(
             }
         }
     }
+    // Dealing in turns is ideal except where it wraps around with uneven zones; try a few other
+    // orders of the same bookies and keep the one whose write sets repeat zones least.
+    let zone_of: BTreeMap<&str, &str> = candidates
+        .iter()
+        .map(|c| (c.id.as_str(), c.zone.as_deref().unwrap_or("")))
+        .collect();
+    let clashes = |ens: &[String]| -> usize {
+        (0..ens.len() as u64)
+            .map(|start| {
+                let ws = quorum::write_set(start, ens.len(), write_quorum);
+                let zones: BTreeSet<&str> = ws.iter().map(|p| zone_of[ens[*p].as_str()]).collect();
+                ws.len() - zones.len()
+            })
+            .sum()
+    };
+    let mut best = clashes(&out);
+    let mut trial = out.clone();
+    for _ in 0..ORDER_TRIALS {
+        if best == 0 {
+            break;
+        }
+        trial.shuffle(rng);
+        let c = clashes(&trial);
+        if c < best {
+            best = c;
+            out.clone_from(&trial);
+        }
+    }
     Ok(out)
 }
+
+/// Orders tried by the zone-aware placement before it settles.
+const ORDER_TRIALS: usize = 64;
 
 /// Picks a bookie to take position `pos` of `ensemble`: not in the ensemble, not in `exclude`;
 /// with zones, preferably from a zone that no other member of the write sets containing `pos`
@@ -132,7 +165,7 @@ mod tests {
     fn too_few_bookies_is_a_clear_error() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let c = cands(&[("a", None), ("b", None)]);
-        let err = choose_ensemble(&c, 3, &mut rng).unwrap_err();
+        let err = choose_ensemble(&c, 3, 3, &mut rng).unwrap_err();
         assert_eq!(err.code(), "NOT_ENOUGH_BOOKIES");
         assert!(err.to_string().contains("2 available"), "{err}");
     }
@@ -148,7 +181,7 @@ mod tests {
                 ("d", None),
                 ("e", None),
             ]);
-            let mut ens = choose_ensemble(&c, 3, &mut rng).unwrap();
+            let mut ens = choose_ensemble(&c, 3, 2, &mut rng).unwrap();
             ens.sort();
             ens.dedup();
             assert_eq!(ens.len(), 3);
@@ -168,10 +201,10 @@ mod tests {
         let zone = |id: &str| id[..1].to_string();
         for seed in 0..50 {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let ens = choose_ensemble(&c, 3, &mut rng).unwrap();
+            let ens = choose_ensemble(&c, 3, 3, &mut rng).unwrap();
             let zs: BTreeSet<String> = ens.iter().map(|b| zone(b)).collect();
             assert_eq!(zs.len(), 3, "E=3 over 3 zones uses all of them: {ens:?}");
-            let ens = choose_ensemble(&c, 4, &mut rng).unwrap();
+            let ens = choose_ensemble(&c, 4, 2, &mut rng).unwrap();
             for start in 0..4 {
                 let ws = quorum::write_set(start, 4, 2);
                 assert_ne!(zone(&ens[ws[0]]), zone(&ens[ws[1]]), "{ens:?}");

@@ -473,7 +473,7 @@ mod tests {
         r.on_fence("b0", FenceOutcome::Ok { lac: -1 });
         r.on_fence("b1", FenceOutcome::Ok { lac: -1 });
         let mut bad = body(0, 1).to_vec();
-        bad[40 - 3] ^= 1;
+        bad[36] ^= 1; // the payload byte
         assert!(
             r.on_read("b0", 0, ReadOutcome::Found(bad.into()))
                 .is_empty()

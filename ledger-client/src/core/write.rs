@@ -5,8 +5,9 @@
 //! Invariants:
 //! - `pending` holds the entries past the LAC, in id order, and every one of them belongs to the
 //!   last ensemble (an ensemble change always starts at LAC + 1, the first pending entry).
-//! - An entry's `acked` set only names bookies of its current write set; acks from a replaced
-//!   bookie are dropped when the ensemble changes, so they never count towards Qa.
+//! - An entry's `acked` set (a bit per position of the last ensemble) only holds positions of its
+//!   current write set; the bits of replaced positions are cleared when the ensemble changes, so
+//!   a replaced bookie's acks never count towards Qa.
 //! - The LAC only moves while no ensemble change is in flight (as BookKeeper's
 //!   `sendAddSuccessCallbacks` does): an entry acknowledged with the help of a bookie that is
 //!   about to be replaced would otherwise be acknowledged with fewer than Qa copies in metadata.
@@ -75,10 +76,11 @@ pub enum ChangeFailure {
 struct Pending {
     entry_id: u64,
     body: Bytes,
-    /// Bookies of the current write set that acknowledged the entry.
-    acked: BTreeSet<String>,
-    /// Bookies the entry was sent to that have not answered yet.
-    sent: BTreeSet<String>,
+    /// Positions of the current write set that acknowledged the entry (bit p = position p; an
+    /// ensemble has at most 64 bookies).
+    acked: u64,
+    /// Positions the entry was sent to that have not answered yet.
+    sent: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -171,12 +173,15 @@ impl WriteCore {
         self.failed.contains(&pos) || self.down.contains(&pos) || self.in_change.contains(&pos)
     }
 
-    fn write_set(&self, entry_id: u64) -> Vec<(usize, String)> {
-        let ens = self.last_ensemble().1;
-        quorum::write_set(entry_id, ens.len(), self.meta.write_quorum as usize)
-            .into_iter()
-            .map(|p| (p, ens[p].clone()))
-            .collect()
+    /// Positions of `entry_id`'s write set in the last ensemble.
+    fn write_set(&self, entry_id: u64) -> impl Iterator<Item = usize> + use<> {
+        let e = self.meta.ensemble_size as u64;
+        (0..self.meta.write_quorum as u64).map(move |i| ((entry_id + i) % e) as usize)
+    }
+
+    fn in_write_set(&self, entry_id: u64, pos: usize) -> bool {
+        let e = self.meta.ensemble_size as u64;
+        (pos as u64 + e - entry_id % e) % e < self.meta.write_quorum as u64
     }
 
     /// Assigns the next entry id, encodes the entry (piggybacking the LAC) and sends it.
@@ -201,15 +206,16 @@ impl WriteCore {
         let mut p = Pending {
             entry_id,
             body,
-            acked: BTreeSet::new(),
-            sent: BTreeSet::new(),
+            acked: 0,
+            sent: 0,
         };
-        let mut out = Vec::new();
-        for (pos, bookie) in self.write_set(entry_id) {
+        let mut out = Vec::with_capacity(self.meta.write_quorum as usize);
+        let ens = self.last_ensemble().1;
+        for pos in self.write_set(entry_id) {
             if !self.unusable(pos) {
-                p.sent.insert(bookie.clone());
+                p.sent |= 1 << pos;
                 out.push(WriteOutput::Send {
-                    bookie,
+                    bookie: ens[pos].clone(),
                     entry_id,
                     body: p.body.clone(),
                 });
@@ -232,7 +238,7 @@ impl WriteCore {
         let Some(pos) = self.position(bookie) else {
             return Vec::new(); // a bookie replaced since: its answers no longer count
         };
-        let in_write_set = self.write_set(entry_id).iter().any(|(p, _)| *p == pos);
+        let in_write_set = self.in_write_set(entry_id, pos);
         let idx = self
             .pending
             .front()
@@ -243,8 +249,8 @@ impl WriteCore {
             AddOutcome::Ok => {
                 if let (Some(i), true) = (idx, in_write_set) {
                     let p = &mut self.pending[i];
-                    p.sent.remove(bookie);
-                    p.acked.insert(bookie.to_string());
+                    p.sent &= !(1 << pos);
+                    p.acked |= 1 << pos;
                 }
                 self.advance()
             }
@@ -252,7 +258,7 @@ impl WriteCore {
             AddOutcome::Unauthorized => self.fail(LedgerError::Unauthorized(self.ledger_id)),
             AddOutcome::Failed(_) => {
                 if let Some(i) = idx {
-                    self.pending[i].sent.remove(bookie);
+                    self.pending[i].sent &= !(1 << pos);
                 }
                 self.fail_position(pos)
             }
@@ -261,9 +267,14 @@ impl WriteCore {
 
     /// Bookies that have not answered the oldest pending entry (the driver times them out).
     pub fn front_silent(&self) -> Option<(u64, Vec<String>)> {
-        self.pending
-            .front()
-            .map(|p| (p.entry_id, p.sent.iter().cloned().collect()))
+        let ens = self.last_ensemble().1;
+        self.pending.front().map(|p| {
+            let silent = (0..ens.len())
+                .filter(|pos| p.sent & (1 << pos) != 0)
+                .map(|pos| ens[pos].clone())
+                .collect();
+            (p.entry_id, silent)
+        })
     }
 
     fn fail_position(&mut self, pos: usize) -> Vec<WriteOutput> {
@@ -308,28 +319,33 @@ impl WriteCore {
         if self.error.is_some() {
             return Vec::new();
         }
+        let old = self.last_ensemble().1.clone();
         self.meta = meta;
         self.version = version;
         self.changing = false;
         self.in_change.clear();
         // Positions that were replaced are fine again; a position that failed during the change
-        // and is still the same bookie stays in `failed`.
+        // and is still the same bookie stays in `failed`. Acks and sends of replaced positions
+        // no longer count.
+        let ens = self.last_ensemble().1.clone();
+        let replaced: u64 = (0..ens.len())
+            .filter(|p| old.get(*p) != Some(&ens[*p]))
+            .fold(0, |m, p| m | 1 << p);
+        let usable: u64 = (0..ens.len())
+            .filter(|p| !self.unusable(*p))
+            .fold(0, |m, p| m | 1 << p);
         let mut out = Vec::new();
         for i in 0..self.pending.len() {
-            let ws = self.write_set(self.pending[i].entry_id);
-            let usable: Vec<(usize, String)> = ws
-                .iter()
-                .filter(|(p, _)| !self.unusable(*p))
-                .cloned()
-                .collect();
+            let positions: Vec<usize> = self.write_set(self.pending[i].entry_id).collect();
             let p = &mut self.pending[i];
-            p.acked.retain(|b| ws.iter().any(|(_, w)| w == b));
-            p.sent.retain(|b| ws.iter().any(|(_, w)| w == b));
-            for (_, b) in usable {
-                if !p.acked.contains(&b) && !p.sent.contains(&b) {
-                    p.sent.insert(b.clone());
+            p.acked &= !replaced;
+            p.sent &= !replaced;
+            for pos in positions {
+                let bit = 1 << pos;
+                if usable & bit != 0 && (p.acked | p.sent) & bit == 0 {
+                    p.sent |= bit;
                     out.push(WriteOutput::Send {
-                        bookie: b,
+                        bookie: ens[pos].clone(),
                         entry_id: p.entry_id,
                         body: p.body.clone(),
                     });
@@ -432,7 +448,11 @@ impl WriteCore {
             return out;
         }
         let qa = self.meta.ack_quorum as usize;
-        while self.pending.front().is_some_and(|p| p.acked.len() >= qa) {
+        while self
+            .pending
+            .front()
+            .is_some_and(|p| p.acked.count_ones() as usize >= qa)
+        {
             let p = self.pending.pop_front().expect("front exists");
             self.lac = p.entry_id as i64;
             self.lac_length = entry::peek_header(&p.body)
