@@ -26,7 +26,7 @@ const READ_PARALLELISM: usize = 16;
 /// Longest long poll (bookies cap it at 60 s too).
 const LONG_POLL_MAX: Duration = Duration::from_secs(60);
 /// Long-poll length of a tail between metadata checks.
-const TAIL_POLL: Duration = Duration::from_secs(5);
+const TAIL_POLL: Duration = Duration::from_secs(2);
 /// Pause of a tail whose long poll came back at once without progress.
 const TAIL_IDLE: Duration = Duration::from_millis(100);
 /// Entries a tail reads per step.
