@@ -12,6 +12,7 @@
 //! restarted bookie may listen elsewhere).
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -74,7 +75,7 @@ impl std::fmt::Display for CallError {
 /// The answer to one add, as delivered to the sender's reply channel.
 #[derive(Debug)]
 pub struct AddReply {
-    pub bookie: String,
+    pub bookie: Arc<str>,
     pub ledger_id: u64,
     pub entry_id: u64,
     pub result: Result<(), CallError>,
@@ -90,17 +91,43 @@ struct Waiter {
 
 /// Adds sent on one stream and not answered yet. Once `closed`, the stream's task has failed
 /// everything in `map` and nothing may be added (checked under the same lock, so no add can slip
-/// in after the final drain and wait forever).
+/// in after the final drain and wait forever). The same entry outstanding twice on one stream
+/// (a recovery write-back racing the writer) is rare: the second waits in `dups`.
 #[derive(Default)]
 struct WaiterMap {
     closed: bool,
-    map: HashMap<(u64, u64), VecDeque<Waiter>>,
+    map: HashMap<(u64, u64), Waiter, BuildHasherDefault<rustc_hash::FxHasher>>,
+    dups: Vec<Waiter>,
+}
+
+impl WaiterMap {
+    fn insert(&mut self, w: Waiter) {
+        let key = (w.entry.ledger_id, w.entry.entry_id);
+        if self.map.contains_key(&key) {
+            self.dups.push(w);
+        } else {
+            self.map.insert(key, w);
+        }
+    }
+
+    fn take(&mut self, key: (u64, u64)) -> Option<Waiter> {
+        let w = self.map.remove(&key)?;
+        if let Some(i) = self
+            .dups
+            .iter()
+            .position(|d| (d.entry.ledger_id, d.entry.entry_id) == key)
+        {
+            let d = self.dups.swap_remove(i);
+            self.map.insert(key, d);
+        }
+        Some(w)
+    }
 }
 
 type Waiters = Arc<Mutex<WaiterMap>>;
 
 struct AddStream {
-    tx: mpsc::UnboundedSender<pb::AddEntry>,
+    tx: mpsc::UnboundedSender<Vec<pb::AddEntry>>,
     waiters: Waiters,
 }
 
@@ -170,24 +197,37 @@ impl BookiePool {
 
     /// Sends an add; its result goes to `reply` exactly once.
     pub async fn send_add(self: &Arc<Self>, bookie: &str, entry: pb::AddEntry, reply: ReplyTx) {
-        let w = Waiter {
-            entry,
-            reply,
-            tries: 0,
-        };
-        self.submit(bookie, w).await;
+        self.send_adds(bookie, vec![entry], &reply).await;
     }
 
-    async fn submit(self: &Arc<Self>, bookie: &str, w: Waiter) {
+    /// Sends adds to one bookie in one go; each result goes to `reply` exactly once.
+    pub async fn send_adds(
+        self: &Arc<Self>,
+        bookie: &str,
+        entries: Vec<pb::AddEntry>,
+        reply: &ReplyTx,
+    ) {
+        let waiters = entries
+            .into_iter()
+            .map(|entry| Waiter {
+                entry,
+                reply: reply.clone(),
+                tries: 0,
+            })
+            .collect();
+        self.submit(bookie, waiters).await;
+    }
+
+    async fn submit(self: &Arc<Self>, bookie: &str, ws: Vec<Waiter>) {
         if !self.conns.lock().contains_key(bookie)
             && let Err(e) = self.client(bookie).await
         {
-            return fail(bookie, w, e);
+            return fail_all(bookie, ws, e);
         }
         let mut conns = self.conns.lock();
         let Some(conn) = conns.get_mut(bookie) else {
             drop(conns);
-            return fail(bookie, w, CallError::io("connection dropped"));
+            return fail_all(bookie, ws, CallError::io("connection dropped"));
         };
         if conn
             .adds
@@ -197,20 +237,21 @@ impl BookiePool {
             conn.adds = Some(self.open_stream(bookie, conn));
         }
         let s = conn.adds.as_ref().expect("just opened");
-        let key = (w.entry.ledger_id, w.entry.entry_id);
-        let entry = w.entry.clone();
+        let entries: Vec<pb::AddEntry> = ws.iter().map(|w| w.entry.clone()).collect();
         let mut g = s.waiters.lock();
-        if g.closed || s.tx.send(entry).is_err() {
+        if g.closed || s.tx.send(entries).is_err() {
             drop(g);
             drop(conns);
-            return fail(bookie, w, CallError::io("add stream closed"));
+            return fail_all(bookie, ws, CallError::io("add stream closed"));
         }
-        g.map.entry(key).or_default().push_back(w);
+        for w in ws {
+            g.insert(w);
+        }
     }
 
     /// Opens the add stream of a bookie; its task routes results until the stream ends.
     fn open_stream(self: &Arc<Self>, bookie: &str, conn: &Conn) -> AddStream {
-        let (tx, rx) = mpsc::unbounded_channel::<pb::AddEntry>();
+        let (tx, rx) = mpsc::unbounded_channel::<Vec<pb::AddEntry>>();
         let waiters: Waiters = Arc::default();
         let mut client = conn.client.clone();
         let (pool, bookie, addr, w) = (
@@ -220,7 +261,13 @@ impl BookiePool {
             waiters.clone(),
         );
         tokio::spawn(async move {
-            let why = match client.add(Batcher { rx }).await {
+            let batcher = Batcher {
+                rx,
+                carry: VecDeque::new(),
+                closed: false,
+            };
+            let bookie: Arc<str> = bookie.into();
+            let why = match client.add(batcher).await {
                 Err(s) => format!("opening the add stream: {}", s.message()),
                 Ok(resp) => {
                     let mut responses = resp.into_inner();
@@ -240,21 +287,9 @@ impl BookiePool {
         AddStream { tx, waiters }
     }
 
-    async fn route(self: &Arc<Self>, bookie: &str, waiters: &Waiters, msg: pb::AddResponse) {
+    async fn route(self: &Arc<Self>, bookie: &Arc<str>, waiters: &Waiters, msg: pb::AddResponse) {
         for r in msg.results {
-            let key = (r.ledger_id, r.entry_id);
-            let w = {
-                let mut g = waiters.lock();
-                let Some(q) = g.map.get_mut(&key) else {
-                    continue;
-                };
-                let w = q.pop_front();
-                if q.is_empty() {
-                    g.map.remove(&key);
-                }
-                w
-            };
-            let Some(w) = w else {
+            let Some(w) = waiters.lock().take((r.ledger_id, r.entry_id)) else {
                 continue;
             };
             let code = StatusCode::try_from(r.code).unwrap_or(StatusCode::IoError);
@@ -266,7 +301,7 @@ impl BookiePool {
                         tries: w.tries + 1,
                         ..w
                     };
-                    pool.submit(&bookie, w).await;
+                    pool.submit(&bookie, vec![w]).await;
                 });
                 continue;
             }
@@ -279,7 +314,7 @@ impl BookiePool {
                 })
             };
             let _ = w.reply.send(AddReply {
-                bookie: bookie.to_string(),
+                bookie: bookie.clone(),
                 ledger_id: r.ledger_id,
                 entry_id: r.entry_id,
                 result,
@@ -407,13 +442,16 @@ impl BookiePool {
     }
 }
 
-fn fail(bookie: &str, w: Waiter, e: CallError) {
-    let _ = w.reply.send(AddReply {
-        bookie: bookie.to_string(),
-        ledger_id: w.entry.ledger_id,
-        entry_id: w.entry.entry_id,
-        result: Err(e),
-    });
+fn fail_all(bookie: &str, ws: Vec<Waiter>, e: CallError) {
+    let bookie: Arc<str> = bookie.into();
+    for w in ws {
+        let _ = w.reply.send(AddReply {
+            bookie: bookie.clone(),
+            ledger_id: w.entry.ledger_id,
+            entry_id: w.entry.entry_id,
+            result: Err(e.clone()),
+        });
+    }
 }
 
 /// Fails every add still waiting on a stream that ended.
@@ -421,38 +459,48 @@ fn drain(bookie: &str, waiters: &Waiters, why: &str) {
     let all: Vec<Waiter> = {
         let mut g = waiters.lock();
         g.closed = true;
-        g.map.drain().flat_map(|(_, q)| q.into_iter()).collect()
+        let mut all: Vec<Waiter> = g.map.drain().map(|(_, w)| w).collect();
+        all.append(&mut g.dups);
+        all
     };
-    for w in all {
-        fail(bookie, w, CallError::io(why));
-    }
+    fail_all(bookie, all, CallError::io(why));
 }
 
 /// The outbound side of an add stream: packs whatever entries are queued into one message, up to
-/// [`BATCH_MAX`] entries and [`BATCH_BYTES_MAX`] bytes.
+/// [`BATCH_MAX`] entries and [`BATCH_BYTES_MAX`] bytes (at least one entry).
 struct Batcher {
-    rx: mpsc::UnboundedReceiver<pb::AddEntry>,
+    rx: mpsc::UnboundedReceiver<Vec<pb::AddEntry>>,
+    /// Entries received and not sent yet.
+    carry: VecDeque<pb::AddEntry>,
+    closed: bool,
 }
 
 impl tokio_stream::Stream for Batcher {
     type Item = pb::AddRequest;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let first = match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(e)) => e,
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
-        };
-        let mut bytes = first.body.len();
-        let mut entries = vec![first];
-        while entries.len() < BATCH_MAX && bytes < BATCH_BYTES_MAX {
-            match self.rx.try_recv() {
-                Ok(e) => {
-                    bytes += e.body.len();
-                    entries.push(e);
-                }
-                Err(_) => break,
+        while !self.closed && self.carry.len() < BATCH_MAX {
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(v)) => self.carry.extend(v),
+                Poll::Ready(None) => self.closed = true,
+                Poll::Pending => break,
             }
+        }
+        if self.carry.is_empty() {
+            return if self.closed {
+                Poll::Ready(None)
+            } else {
+                Poll::Pending
+            };
+        }
+        let mut bytes = 0;
+        let mut entries = Vec::with_capacity(self.carry.len().min(BATCH_MAX));
+        while entries.len() < BATCH_MAX && (entries.is_empty() || bytes < BATCH_BYTES_MAX) {
+            let Some(e) = self.carry.pop_front() else {
+                break;
+            };
+            bytes += e.body.len();
+            entries.push(e);
         }
         Poll::Ready(Some(pb::AddRequest { entries }))
     }

@@ -162,7 +162,7 @@ async fn run(shared: &Shared, id: u64, key: &Bytes, meta: &LedgerMetadata) -> Re
                 Err(e) => return Err(LedgerError::RecoveryIncomplete(id, format!("task failed: {e}"))),
             },
             Some(r) = replies.recv() => {
-                Answer::Write(r.bookie, r.entry_id, r.result.map_err(|e| e.to_string()))
+                Answer::Write(r.bookie.to_string(), r.entry_id, r.result.map_err(|e| e.to_string()))
             }
             // Recovery writes have no answer within the add timeout: count them as failed.
             _ = tokio::time::sleep(shared.cfg.add_timeout), if calls.is_empty() => {

@@ -35,6 +35,8 @@ const DOWN_RETRY: Duration = Duration::from_secs(10);
 /// How long metadata updates are retried through transient store errors.
 const METADATA_RETRY_MAX: Duration = Duration::from_secs(30);
 const COMMANDS_MAX: usize = 1024;
+/// Commands taken in one turn of the driver at most.
+const COMMAND_BATCH: usize = 256;
 
 /// The in-flight permits of one append: its entry and its payload bytes.
 type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
@@ -119,6 +121,7 @@ impl LedgerWriter {
             state,
             waiting: VecDeque::new(),
             closing: Vec::new(),
+            outbox: Vec::new(),
             events_tx,
             replies_tx,
             front: None,
@@ -224,6 +227,8 @@ struct Driver {
     /// Appends not acknowledged yet, in entry order.
     waiting: VecDeque<(u64, oneshot::Sender<Result<u64>>, Permits)>,
     closing: Vec<oneshot::Sender<Result<LedgerMetadata>>>,
+    /// Sends of the current turn, per bookie (flushed at the end of the turn).
+    outbox: Vec<(String, Vec<pb::AddEntry>)>,
     events_tx: mpsc::UnboundedSender<Event>,
     replies_tx: mpsc::UnboundedSender<AddReply>,
     /// The oldest pending entry, the metadata version and when it became the oldest (for add
@@ -247,22 +252,32 @@ impl Driver {
         loop {
             tokio::select! {
                 c = commands.recv(), if commands_open => match c {
-                    Some(c) => self.command(c).await,
+                    Some(c) => {
+                        self.command(c);
+                        // Take what else is queued, so sends to a bookie go out together.
+                        for _ in 0..COMMAND_BATCH {
+                            match commands.try_recv() {
+                                Ok(c) => self.command(c),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => commands_open = false,
                 },
                 Some(r) = replies.recv() => {
                     let outcome = classify(&r.result);
                     let out = self.core.on_add_result(&r.bookie, r.entry_id, outcome);
-                    self.exec(out).await;
+                    self.exec(out);
                     // Drain what else is ready before checking timers (batches of results).
                     while let Ok(r) = replies.try_recv() {
                         let out = self.core.on_add_result(&r.bookie, r.entry_id, classify(&r.result));
-                        self.exec(out).await;
+                        self.exec(out);
                     }
                 }
-                Some(e) = events.recv() => self.event(e).await,
-                _ = tick.tick() => self.tick().await,
+                Some(e) = events.recv() => self.event(e),
+                _ = tick.tick() => self.tick(),
             }
+            self.flush().await;
             self.maybe_close();
             if self.state.outcome.lock().is_some()
                 && self.closing.is_empty()
@@ -278,7 +293,7 @@ impl Driver {
         }
     }
 
-    async fn command(&mut self, c: Command) {
+    fn command(&mut self, c: Command) {
         match c {
             Command::Append {
                 payload,
@@ -293,7 +308,7 @@ impl Driver {
                 match self.core.append(&payload) {
                     Ok((id, out)) => {
                         self.waiting.push_back((id, reply, permits));
-                        self.exec(out).await;
+                        self.exec(out);
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -310,7 +325,7 @@ impl Driver {
         }
     }
 
-    async fn exec(&mut self, outputs: Vec<WriteOutput>) {
+    fn exec(&mut self, outputs: Vec<WriteOutput>) {
         for o in outputs {
             match o {
                 WriteOutput::Send {
@@ -325,10 +340,10 @@ impl Driver {
                         recovery: false,
                         body,
                     };
-                    self.shared
-                        .pool
-                        .send_add(&bookie, entry, self.replies_tx.clone())
-                        .await;
+                    match self.outbox.iter_mut().find(|(b, _)| *b == bookie) {
+                        Some((_, v)) => v.push(entry),
+                        None => self.outbox.push((bookie, vec![entry])),
+                    }
                 }
                 WriteOutput::Acked { entry_id } => {
                     self.state.lac.store(entry_id as i64, Ordering::Release);
@@ -399,7 +414,7 @@ impl Driver {
         });
     }
 
-    async fn event(&mut self, e: Event) {
+    fn event(&mut self, e: Event) {
         let out = match e {
             Event::Replacements(r) => {
                 let proposed = self.core.propose(&r);
@@ -435,10 +450,10 @@ impl Driver {
                 Vec::new()
             }
         };
-        self.exec(out).await;
+        self.exec(out);
     }
 
-    async fn tick(&mut self) {
+    fn tick(&mut self) {
         let (add_timeout, lac_interval) = (
             self.shared.cfg.add_timeout,
             self.shared.cfg.explicit_lac_interval,
@@ -464,7 +479,7 @@ impl Driver {
                             entry_id,
                             AddOutcome::Failed("timed out".into()),
                         );
-                        self.exec(out).await;
+                        self.exec(out);
                     }
                     self.front = None;
                 }
@@ -473,7 +488,7 @@ impl Driver {
         if self.core.has_down() && self.last_down_retry.elapsed() >= DOWN_RETRY {
             self.last_down_retry = Instant::now();
             let out = self.core.retry_down();
-            self.exec(out).await;
+            self.exec(out);
         }
         if let Some(interval) = lac_interval
             && self.last_append.elapsed() >= interval
@@ -492,6 +507,16 @@ impl Driver {
                     }
                 }
             });
+        }
+    }
+
+    /// Hands the sends collected during this turn to the pool, one batch per bookie.
+    async fn flush(&mut self) {
+        for (bookie, entries) in std::mem::take(&mut self.outbox) {
+            self.shared
+                .pool
+                .send_adds(&bookie, entries, &self.replies_tx)
+                .await;
         }
     }
 
