@@ -103,10 +103,11 @@ struct WaiterMap {
 impl WaiterMap {
     fn insert(&mut self, w: Waiter) {
         let key = (w.entry.ledger_id, w.entry.entry_id);
-        if self.map.contains_key(&key) {
-            self.dups.push(w);
-        } else {
-            self.map.insert(key, w);
+        match self.map.entry(key) {
+            std::collections::hash_map::Entry::Occupied(_) => self.dups.push(w),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(w);
+            }
         }
     }
 
