@@ -31,21 +31,36 @@ pub struct BookieBench {
     /// Bookie gRPC address.
     #[arg(long)]
     addr: String,
+    #[command(flatten)]
+    load: Load,
+}
+
+/// The load of `bench bookie` and `bench ledger`.
+#[derive(Args)]
+pub struct Load {
     /// Payload bytes per entry.
     #[arg(long, default_value_t = 1024)]
-    entry_size: usize,
-    /// Entries in flight (sent, not yet acknowledged).
+    pub(crate) entry_size: usize,
+    /// Entries in flight (sent, not yet acknowledged) over all ledgers.
     #[arg(long, default_value_t = 256)]
-    in_flight: usize,
+    pub(crate) in_flight: usize,
     /// Ledgers written round-robin.
     #[arg(long, default_value_t = 1)]
-    ledgers: u64,
-    /// How long to run, e.g. 10s, 500ms, 1m.
+    pub(crate) ledgers: u64,
+    /// How long to send, e.g. 10s, 500ms, 1m.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    duration: Duration,
+    pub(crate) duration: Duration,
     /// Print one JSON object instead of text.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
+}
+
+impl Load {
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.in_flight > 0, "--in-flight must be positive");
+        anyhow::ensure!(self.ledgers > 0, "--ledgers must be positive");
+        Ok(())
+    }
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -77,8 +92,8 @@ const BATCH_MAX: usize = 128;
 const BATCH_BYTES_MAX: usize = 512 << 10;
 
 async fn bench_bookie(args: BookieBench) -> anyhow::Result<()> {
-    anyhow::ensure!(args.in_flight > 0, "--in-flight must be positive");
-    anyhow::ensure!(args.ledgers > 0, "--ledgers must be positive");
+    let load = &args.load;
+    load.check()?;
     let url = if args.addr.starts_with("http") {
         args.addr.clone()
     } else {
@@ -101,18 +116,18 @@ async fn bench_bookie(args: BookieBench) -> anyhow::Result<()> {
         .context("opening the add stream")?
         .into_inner();
 
-    let window = Arc::new(Semaphore::new(args.in_flight));
+    let window = Arc::new(Semaphore::new(load.in_flight));
     let sent_at: Arc<Mutex<HashMap<(u64, u64), Instant>>> = Arc::default();
     let base: u64 = rand::random::<u32>() as u64 * 1_000_000;
     let key = Bytes::from_static(b"quire-bench-master-key");
-    let payload = vec![0x5au8; args.entry_size];
+    let payload = vec![0x5au8; load.entry_size];
     let start = Instant::now();
-    let deadline = start + args.duration;
+    let deadline = start + load.duration;
 
     let sender = {
         let window = window.clone();
         let sent_at = sent_at.clone();
-        let ledgers = args.ledgers;
+        let ledgers = load.ledgers;
         tokio::spawn(async move {
             let mut next = vec![0u64; ledgers as usize];
             let mut turn = 0usize;
@@ -168,11 +183,9 @@ async fn bench_bookie(args: BookieBench) -> anyhow::Result<()> {
     let acked = Arc::new(AtomicU64::new(0));
     let mut errors = 0u64;
     let mut first_error: Option<String> = None;
-    let mut last_progress = Instant::now();
-    let mut last_count = 0u64;
-    let progress_every = Duration::from_secs(1);
+    let mut progress = Progress::new(start);
     loop {
-        let outstanding = args.in_flight - window.available_permits();
+        let outstanding = load.in_flight - window.available_permits();
         if Instant::now() >= deadline && (sender.is_finished() && outstanding == 0) {
             break;
         }
@@ -199,21 +212,7 @@ async fn bench_bookie(args: BookieBench) -> anyhow::Result<()> {
             }
         }
         window.add_permits(msg.results.len());
-        if now.duration_since(last_progress) >= progress_every {
-            let total = acked.load(Ordering::Relaxed);
-            let rate =
-                (total - last_count) as f64 / now.duration_since(last_progress).as_secs_f64();
-            eprint!(
-                "\r[{:>5.1}s] {:>10} acked  {:>9.0} entries/s  p50 {} us  p99 {} us   ",
-                now.duration_since(start).as_secs_f64(),
-                total,
-                rate,
-                hist.value_at_quantile(0.5),
-                hist.value_at_quantile(0.99)
-            );
-            last_progress = now;
-            last_count = total;
-        }
+        progress.tick(now, acked.load(Ordering::Relaxed), &hist);
         if now >= deadline + Duration::from_secs(30) {
             anyhow::bail!("entries still unacknowledged 30 s after the end");
         }
@@ -221,20 +220,84 @@ async fn bench_bookie(args: BookieBench) -> anyhow::Result<()> {
     eprintln!();
     let elapsed = start.elapsed().as_secs_f64();
     let total = acked.load(Ordering::Relaxed);
-    let eps = total as f64 / elapsed;
-    let mbps = eps * args.entry_size as f64 / 1e6;
     if let Some(e) = &first_error {
         eprintln!("{errors} adds failed; first: {e}");
     }
-    let (p50, p99, p999) = (
-        hist.value_at_quantile(0.5),
-        hist.value_at_quantile(0.99),
-        hist.value_at_quantile(0.999),
-    );
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
+    Report {
+        load,
+        hist: &hist,
+        entries: total,
+        errors,
+        elapsed,
+    }
+    .print(serde_json::json!({}), "");
+    anyhow::ensure!(errors == 0, "{errors} adds failed");
+    Ok(())
+}
+
+/// The progress line on stderr (rewritten in place), at most once a second.
+pub(crate) struct Progress {
+    start: Instant,
+    last: Instant,
+    last_count: u64,
+}
+
+impl Progress {
+    pub(crate) fn new(start: Instant) -> Self {
+        Self {
+            start,
+            last: start,
+            last_count: 0,
+        }
+    }
+
+    /// Prints the line when a second has passed since the last one: `total` entries acked so
+    /// far, the rate since the last line, and the latency quantiles so far.
+    pub(crate) fn tick(&mut self, now: Instant, total: u64, hist: &Histogram<u64>) {
+        let since = now.duration_since(self.last);
+        if since < Duration::from_secs(1) {
+            return;
+        }
+        let rate = (total - self.last_count) as f64 / since.as_secs_f64();
+        eprint!(
+            "\r[{:>5.1}s] {:>10} acked  {:>9.0} entries/s  p50 {} us  p99 {} us   ",
+            now.duration_since(self.start).as_secs_f64(),
+            total,
+            rate,
+            hist.value_at_quantile(0.5),
+            hist.value_at_quantile(0.99)
+        );
+        self.last = now;
+        self.last_count = total;
+    }
+}
+
+/// The end-of-run report of `bench bookie` and `bench ledger`.
+pub(crate) struct Report<'a> {
+    pub load: &'a Load,
+    /// Latencies in microseconds.
+    pub hist: &'a Histogram<u64>,
+    /// Entries acknowledged.
+    pub entries: u64,
+    pub errors: u64,
+    /// Seconds the run took.
+    pub elapsed: f64,
+}
+
+impl Report<'_> {
+    /// Prints one JSON object (with `extra`'s keys added) or one line of text (ending in
+    /// `text_suffix`) on stdout.
+    pub(crate) fn print(&self, extra: serde_json::Value, text_suffix: &str) {
+        let (load, total, errors, elapsed) = (self.load, self.entries, self.errors, self.elapsed);
+        let eps = total as f64 / elapsed;
+        let mbps = eps * load.entry_size as f64 / 1e6;
+        let (p50, p99, p999) = (
+            self.hist.value_at_quantile(0.5),
+            self.hist.value_at_quantile(0.99),
+            self.hist.value_at_quantile(0.999),
+        );
+        if load.json {
+            let mut o = serde_json::json!({
                 "entries_per_sec": eps,
                 "mb_per_sec": mbps,
                 "p50_us": p50,
@@ -242,17 +305,19 @@ async fn bench_bookie(args: BookieBench) -> anyhow::Result<()> {
                 "p999_us": p999,
                 "entries": total,
                 "errors": errors,
-                "entry_size": args.entry_size,
-                "in_flight": args.in_flight,
-                "ledgers": args.ledgers,
+                "entry_size": load.entry_size,
+                "in_flight": load.in_flight,
+                "ledgers": load.ledgers,
                 "duration_s": elapsed,
-            })
-        );
-    } else {
-        println!(
-            "{total} entries in {elapsed:.1} s: {eps:.0} entries/s, {mbps:.1} MB/s; latency p50 {p50} us, p99 {p99} us, p99.9 {p999} us; {errors} errors"
-        );
+            });
+            if let (Some(o), serde_json::Value::Object(extra)) = (o.as_object_mut(), extra) {
+                o.extend(extra);
+            }
+            println!("{o}");
+        } else {
+            println!(
+                "{total} entries in {elapsed:.1} s: {eps:.0} entries/s, {mbps:.1} MB/s; latency p50 {p50} us, p99 {p99} us, p99.9 {p999} us; {errors} errors{text_suffix}"
+            );
+        }
     }
-    anyhow::ensure!(errors == 0, "{errors} adds failed");
-    Ok(())
 }

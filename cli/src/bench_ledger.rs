@@ -12,61 +12,45 @@ use futures::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
 use quire_ledger_client::{Client, ClientConfig, CreateOptions, LedgerWriter};
 
+use crate::bench::{Load, Progress, Report};
+use crate::ledger::{Quorums, Target};
+
 /// Give up when no append completes for this long.
 const STALL_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Args)]
 pub struct LedgerBench {
-    /// Metadata URI: quire://host:port,..., etcd://host:port,... or file:///path.
-    #[arg(long, env = "QUIRE_METADATA")]
-    metadata: String,
-    /// Bookies each ledger is striped over (E).
-    #[arg(long, default_value_t = 3)]
-    ensemble: u32,
-    /// Bookies each entry is written to (Qw).
-    #[arg(long, default_value_t = 3)]
-    write_quorum: u32,
-    /// Acknowledgements that complete an append (Qa).
-    #[arg(long, default_value_t = 2)]
-    ack_quorum: u32,
-    /// Payload bytes per entry.
-    #[arg(long, default_value_t = 1024)]
-    entry_size: usize,
-    /// Appends in flight (sent, not yet acknowledged) over all ledgers.
-    #[arg(long, default_value_t = 256)]
-    in_flight: usize,
-    /// Ledgers written round-robin.
-    #[arg(long, default_value_t = 1)]
-    ledgers: u64,
-    /// How long to send, e.g. 10s, 500ms, 1m.
-    #[arg(long, default_value = "10s", value_parser = crate::bench::parse_duration)]
-    duration: Duration,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    quorums: Quorums,
+    #[command(flatten)]
+    load: Load,
     /// Delete the ledgers at the end (they are closed either way).
     #[arg(long)]
     delete: bool,
 }
 
 pub async fn bench_ledger(args: LedgerBench) -> anyhow::Result<()> {
-    anyhow::ensure!(args.in_flight > 0, "--in-flight must be positive");
-    anyhow::ensure!(args.ledgers > 0, "--ledgers must be positive");
-    let (ens, qw, qa) = (args.ensemble, args.write_quorum, args.ack_quorum);
-    anyhow::ensure!(
-        ens >= qw && qw >= qa && qa >= 1,
-        "need --ensemble >= --write-quorum >= --ack-quorum >= 1, got {ens}, {qw}, {qa}"
+    let load = &args.load;
+    load.check()?;
+    args.quorums.check()?;
+    let (ens, qw, qa) = (
+        args.quorums.ensemble,
+        args.quorums.write_quorum,
+        args.quorums.ack_quorum,
     );
-    let mut cfg = ClientConfig::new(args.metadata.clone());
+    let metadata = &args.target.metadata;
+    let mut cfg = ClientConfig::new(metadata.clone());
     // The window is ours: the writer's own limits must not cut it.
-    cfg.max_in_flight_entries = cfg.max_in_flight_entries.max(args.in_flight);
+    cfg.max_in_flight_entries = cfg.max_in_flight_entries.max(load.in_flight);
     cfg.max_in_flight_bytes = cfg
         .max_in_flight_bytes
-        .max(args.in_flight.saturating_mul(args.entry_size));
-    cfg.entry_size_max = cfg.entry_size_max.max(args.entry_size);
+        .max(load.in_flight.saturating_mul(load.entry_size));
+    cfg.entry_size_max = cfg.entry_size_max.max(load.entry_size);
     let client = Client::connect(cfg)
         .await
-        .with_context(|| format!("connecting to the metadata store {}", args.metadata))?;
+        .with_context(|| format!("connecting to the metadata store {metadata}"))?;
     let opts = CreateOptions {
         ensemble: ens,
         write_quorum: qw,
@@ -74,28 +58,27 @@ pub async fn bench_ledger(args: LedgerBench) -> anyhow::Result<()> {
         ..CreateOptions::default()
     };
     let writers: Vec<LedgerWriter> =
-        futures::future::try_join_all((0..args.ledgers).map(|_| client.create(opts.clone())))
+        futures::future::try_join_all((0..load.ledgers).map(|_| client.create(opts.clone())))
             .await
             .context("creating the ledgers")?;
     let ids: Vec<u64> = writers.iter().map(LedgerWriter::id).collect();
     eprintln!("writing ledgers {ids:?} (E={ens} Qw={qw} Qa={qa})");
 
-    let payload = Bytes::from(vec![0x5au8; args.entry_size]);
+    let payload = Bytes::from(vec![0x5au8; load.entry_size]);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
     let mut pending = FuturesUnordered::new();
     let start = Instant::now();
-    let deadline = start + args.duration;
+    let deadline = start + load.duration;
     let mut sending = true;
     let mut turn = 0usize;
     let (mut acked, mut errors) = (0u64, 0u64);
     let mut first_error: Option<String> = None;
-    let mut last_progress = start;
-    let mut last_count = 0u64;
+    let mut progress = Progress::new(start);
     loop {
         if sending && Instant::now() >= deadline {
             sending = false;
         }
-        while sending && pending.len() < args.in_flight {
+        while sending && pending.len() < load.in_flight {
             let w = &writers[turn % writers.len()];
             turn += 1;
             let sent = Instant::now();
@@ -133,20 +116,7 @@ pub async fn bench_ledger(args: LedgerBench) -> anyhow::Result<()> {
                 sending = false;
             }
         }
-        if now.duration_since(last_progress) >= Duration::from_secs(1) {
-            let rate =
-                (acked - last_count) as f64 / now.duration_since(last_progress).as_secs_f64();
-            eprint!(
-                "\r[{:>5.1}s] {:>10} acked  {:>9.0} entries/s  p50 {} us  p99 {} us   ",
-                now.duration_since(start).as_secs_f64(),
-                acked,
-                rate,
-                hist.value_at_quantile(0.5),
-                hist.value_at_quantile(0.99)
-            );
-            last_progress = now;
-            last_count = acked;
-        }
+        progress.tick(now, acked, &hist);
     }
     eprintln!();
     let elapsed = start.elapsed().as_secs_f64();
@@ -165,41 +135,20 @@ pub async fn bench_ledger(args: LedgerBench) -> anyhow::Result<()> {
         }
     }
 
-    let eps = acked as f64 / elapsed;
-    let mbps = eps * args.entry_size as f64 / 1e6;
     if let Some(e) = &first_error {
         eprintln!("{errors} appends failed; first: {e}");
     }
-    let (p50, p99, p999) = (
-        hist.value_at_quantile(0.5),
-        hist.value_at_quantile(0.99),
-        hist.value_at_quantile(0.999),
-    );
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "entries_per_sec": eps,
-                "mb_per_sec": mbps,
-                "p50_us": p50,
-                "p99_us": p99,
-                "p999_us": p999,
-                "entries": acked,
-                "errors": errors,
-                "entry_size": args.entry_size,
-                "in_flight": args.in_flight,
-                "ledgers": args.ledgers,
-                "duration_s": elapsed,
-                "ensemble": ens,
-                "write_quorum": qw,
-                "ack_quorum": qa,
-            })
-        );
-    } else {
-        println!(
-            "{acked} entries in {elapsed:.1} s: {eps:.0} entries/s, {mbps:.1} MB/s; latency p50 {p50} us, p99 {p99} us, p99.9 {p999} us; {errors} errors (E={ens} Qw={qw} Qa={qa})"
-        );
+    Report {
+        load,
+        hist: &hist,
+        entries: acked,
+        errors,
+        elapsed,
     }
+    .print(
+        serde_json::json!({"ensemble": ens, "write_quorum": qw, "ack_quorum": qa}),
+        &format!(" (E={ens} Qw={qw} Qa={qa})"),
+    );
     anyhow::ensure!(errors == 0, "{errors} appends failed");
     anyhow::ensure!(
         closed.iter().all(Result::is_ok),

@@ -129,12 +129,12 @@ pub enum LedgerCommand {
 pub struct Target {
     /// Metadata URI: quire://host:port,..., etcd://host:port,... or file:///path.
     #[arg(long, env = "QUIRE_METADATA")]
-    metadata: String,
+    pub(crate) metadata: String,
 }
 
 #[derive(Args)]
 pub struct Password {
-    /// The ledger's password.
+    /// The ledger's password (set when it is created, needed again to read it).
     #[arg(
         long,
         env = "QUIRE_LEDGER_PASSWORD",
@@ -144,25 +144,38 @@ pub struct Password {
     password: String,
 }
 
+/// A new ledger's quorums (also `quire bench ledger`'s).
 #[derive(Args)]
-pub struct Layout {
+pub struct Quorums {
     /// Bookies the ledger's entries are striped over (E).
     #[arg(long, default_value_t = 3)]
-    ensemble: u32,
+    pub(crate) ensemble: u32,
     /// Bookies each entry is written to (Qw).
     #[arg(long, default_value_t = 3)]
-    write_quorum: u32,
+    pub(crate) write_quorum: u32,
     /// Acknowledgements that make an entry durable (Qa).
     #[arg(long, default_value_t = 2)]
-    ack_quorum: u32,
-    /// The ledger's password (needed again to read it).
-    #[arg(
-        long,
-        env = "QUIRE_LEDGER_PASSWORD",
-        hide_env_values = true,
-        default_value = ""
-    )]
-    password: String,
+    pub(crate) ack_quorum: u32,
+}
+
+impl Quorums {
+    /// Fails unless E >= Qw >= Qa >= 1.
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
+        let (e, qw, qa) = (self.ensemble, self.write_quorum, self.ack_quorum);
+        anyhow::ensure!(
+            e >= qw && qw >= qa && qa >= 1,
+            "need --ensemble >= --write-quorum >= --ack-quorum >= 1, got {e}, {qw}, {qa}"
+        );
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct Layout {
+    #[command(flatten)]
+    quorums: Quorums,
+    #[command(flatten)]
+    password: Password,
     /// Custom metadata KEY=VALUE (repeatable).
     #[arg(long = "custom", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     custom: Vec<(String, String)>,
@@ -170,17 +183,13 @@ pub struct Layout {
 
 impl Layout {
     fn options(&self) -> anyhow::Result<CreateOptions> {
-        let (e, qw, qa) = (self.ensemble, self.write_quorum, self.ack_quorum);
-        anyhow::ensure!(
-            e >= qw && qw >= qa && qa >= 1,
-            "need --ensemble >= --write-quorum >= --ack-quorum >= 1, got {e}, {qw}, {qa}"
-        );
+        self.quorums.check()?;
         Ok(CreateOptions {
-            ensemble: e,
-            write_quorum: qw,
-            ack_quorum: qa,
+            ensemble: self.quorums.ensemble,
+            write_quorum: self.quorums.write_quorum,
+            ack_quorum: self.quorums.ack_quorum,
             digest: DigestType::Crc32c,
-            password: self.password.as_bytes().to_vec(),
+            password: self.password.password.as_bytes().to_vec(),
             custom: self.custom.iter().cloned().collect(),
         })
     }

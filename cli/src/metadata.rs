@@ -11,6 +11,8 @@ use quire_metadata::client::RemoteStore;
 use quire_metadata::{MetadataUri, store::list_all};
 use quire_proto::metadata as pb;
 
+use crate::bookie::{shutdown_signal, write_file_atomic};
+
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct MetadataArgs {
@@ -266,19 +268,10 @@ pub async fn run(args: MetadataArgs) -> anyhow::Result<()> {
     cfg.keep_logs = args.keep_logs;
     let server = quire_metadata::server::start_node(args.listen, cfg).await?;
     if let Some(p) = &args.addr_file {
-        let tmp = p.with_extension("tmp");
-        std::fs::write(&tmp, format!("{}\n", server.addr))
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, p).with_context(|| format!("writing {}", p.display()))?;
+        write_file_atomic(p, &format!("{}\n", server.addr))?;
     }
     println!("metadata node {id} serving on {}", server.addr);
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
+    shutdown_signal().await?;
     server.stop().await;
     Ok(())
 }

@@ -166,31 +166,188 @@ pub fn quire_bin() -> PathBuf {
     bin
 }
 
+/// What every test process helper shares: a per-test directory (kept, with a note on stderr,
+/// when the test panics), one pair of log files per run (`logs/run-<n>.stdout.log`,
+/// `logs/run-<n>.stderr.log`) and the child of the current run, killed on drop.
+struct TestProcess {
+    /// Names the process in messages, e.g. "bookie b1".
+    what: String,
+    root: Option<tempfile::TempDir>,
+    root_path: PathBuf,
+    log_dir: PathBuf,
+    child: Option<Child>,
+    runs: u32,
+    /// Lines of stderr printed when a panicking test drops it.
+    tail_on_drop: usize,
+}
+
+impl TestProcess {
+    /// Creates `quire-test-<prefix>-...` with its `logs` directory.
+    fn new(prefix: &str, what: String, tail_on_drop: usize) -> Self {
+        let root = tempfile::Builder::new()
+            .prefix(&format!("quire-test-{prefix}-"))
+            .tempdir()
+            .expect("create test directory");
+        let root_path = root.path().to_path_buf();
+        let log_dir = root_path.join("logs");
+        std::fs::create_dir_all(&log_dir).expect("create log directory");
+        Self {
+            what,
+            root: Some(root),
+            root_path,
+            log_dir,
+            child: None,
+            runs: 0,
+            tail_on_drop,
+        }
+    }
+
+    /// Starts a new run: `quire` with the arguments `args` adds, its output in new log files.
+    fn spawn(&mut self, args: impl FnOnce(&mut Command)) {
+        self.runs += 1;
+        let stdout = std::fs::File::create(self.stdout_path()).expect("create stdout log");
+        let stderr = std::fs::File::create(self.stderr_path()).expect("create stderr log");
+        let mut cmd = quire_command(stdout, stderr);
+        args(&mut cmd);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", quire_bin().display()));
+        self.child = Some(child);
+    }
+
+    /// Polls `ready` every 20 ms until it returns something. `Err(Some(status))` when the
+    /// process exits first, `Err(None)` when `deadline` passes first (the process is killed).
+    async fn wait_ready<T>(
+        &mut self,
+        deadline: Instant,
+        mut ready: impl FnMut() -> Option<T>,
+    ) -> Result<T, Option<ExitStatus>> {
+        loop {
+            let child = self.child.as_mut().expect("spawned");
+            if let Some(status) = child
+                .try_wait()
+                .unwrap_or_else(|e| panic!("wait for {}: {e}", self.what))
+            {
+                self.child = None;
+                return Err(Some(status));
+            }
+            if let Some(r) = ready() {
+                return Ok(r);
+            }
+            if Instant::now() >= deadline {
+                self.kill9();
+                return Err(None);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL; returns once the process is gone.
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the clean shutdown; panics unless it exits 0 within `timeout`.
+    async fn terminate(&mut self, timeout: Duration) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        send_signal(child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child
+                .try_wait()
+                .unwrap_or_else(|e| panic!("wait for {}: {e}", self.what))
+            {
+                assert!(
+                    status.success(),
+                    "{} exited with {status} after SIGTERM; stderr:\n{}",
+                    self.what,
+                    tail(&self.last_stderr(), 40)
+                );
+                return;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not stop within {timeout:?} of SIGTERM (logs: {})",
+                    self.what,
+                    self.log_dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn stdout_path(&self) -> PathBuf {
+        self.log_dir.join(format!("run-{}.stdout.log", self.runs))
+    }
+
+    fn stderr_path(&self) -> PathBuf {
+        self.log_dir.join(format!("run-{}.stderr.log", self.runs))
+    }
+
+    fn last_stdout(&self) -> String {
+        std::fs::read_to_string(self.stdout_path()).unwrap_or_default()
+    }
+
+    fn last_stderr(&self) -> String {
+        std::fs::read_to_string(self.stderr_path()).unwrap_or_default()
+    }
+}
+
+impl Drop for TestProcess {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            if let Some(root) = self.root.take() {
+                let kept = root.keep();
+                eprintln!(
+                    "test failed: {} kept its directory {} (logs in {})",
+                    self.what,
+                    kept.display(),
+                    kept.join("logs").display()
+                );
+            }
+            eprintln!(
+                "last stderr of {}:\n{}",
+                self.what,
+                tail(&self.last_stderr(), self.tail_on_drop)
+            );
+        }
+    }
+}
+
 /// One `quire bookie` process (and its restarts) with its directories.
 pub struct BookieProcess {
     name: String,
-    root: Option<tempfile::TempDir>,
-    root_path: PathBuf,
+    proc: TestProcess,
     journal_dir: PathBuf,
     ledger_dirs: Vec<PathBuf>,
     config_path: PathBuf,
     addr_file: PathBuf,
-    log_dir: PathBuf,
     bookie_id: String,
-    child: Option<Child>,
     grpc: Option<SocketAddr>,
     http: Option<SocketAddr>,
-    runs: u32,
 }
 
 impl BookieProcess {
     /// Creates the test directory and config without starting anything.
     pub fn prepare(opts: BookieOpts) -> Self {
-        let root = tempfile::Builder::new()
-            .prefix(&format!("quire-test-{}-", opts.name))
-            .tempdir()
-            .expect("create test directory");
-        let root_path = root.path().to_path_buf();
+        let proc = TestProcess::new(&opts.name, format!("bookie {}", opts.name), 30);
+        let root_path = proc.root_path.clone();
         let journal_dir = opts
             .journal_dir
             .clone()
@@ -203,24 +360,18 @@ impl BookieProcess {
         for d in std::iter::once(&journal_dir).chain(&ledger_dirs) {
             std::fs::create_dir_all(d).expect("create bookie directory");
         }
-        let log_dir = root_path.join("logs");
-        std::fs::create_dir_all(&log_dir).expect("create log directory");
         let config_path = root_path.join("bookie.toml");
         std::fs::write(&config_path, &opts.config_toml).expect("write config");
         Self {
             bookie_id: format!("test-{}", opts.name),
             name: opts.name,
             addr_file: root_path.join("bookie.addr"),
-            root: Some(root),
-            root_path,
+            proc,
             journal_dir,
             ledger_dirs,
             config_path,
-            log_dir,
-            child: None,
             grpc: None,
             http: None,
-            runs: 0,
         }
     }
 
@@ -238,7 +389,7 @@ impl BookieProcess {
             panic!(
                 "bookie {} failed to start ({}): {e}",
                 self.name,
-                self.log_dir.display()
+                self.proc.log_dir.display()
             );
         }
     }
@@ -249,56 +400,43 @@ impl BookieProcess {
         if self.is_running() {
             self.terminate().await;
         }
-        self.runs += 1;
         let _ = std::fs::remove_file(&self.addr_file);
-        let stdout = std::fs::File::create(self.stdout_path()).expect("create stdout log");
-        let stderr = std::fs::File::create(self.stderr_path()).expect("create stderr log");
-        let mut cmd = quire_command(stdout, stderr);
-        cmd.arg("bookie")
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("--journal-dir")
-            .arg(&self.journal_dir);
-        for d in &self.ledger_dirs {
-            cmd.arg("--ledger-dir").arg(d);
-        }
-        cmd.args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-            .arg("--addr-file")
-            .arg(&self.addr_file)
-            .arg("--bookie-id")
-            .arg(&self.bookie_id);
-        let child = cmd.spawn().unwrap_or_else(|e| {
-            panic!("cannot spawn {}: {e}", quire_bin().display());
-        });
-        self.child = Some(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let child = self.child.as_mut().expect("spawned above");
-            if let Some(status) = child.try_wait().expect("wait for bookie") {
-                self.child = None;
-                return Err(StartFailure {
-                    status: Some(status),
-                    stderr: self.last_stderr(),
-                });
+        self.proc.spawn(|cmd| {
+            cmd.arg("bookie")
+                .arg("--config")
+                .arg(&self.config_path)
+                .arg("--journal-dir")
+                .arg(&self.journal_dir);
+            for d in &self.ledger_dirs {
+                cmd.arg("--ledger-dir").arg(d);
             }
-            if let Some((grpc, http)) = read_addr_file(&self.addr_file) {
+            cmd.args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+                .arg("--addr-file")
+                .arg(&self.addr_file)
+                .arg("--bookie-id")
+                .arg(&self.bookie_id);
+        });
+        let deadline = Instant::now() + START_TIMEOUT;
+        let addr_file = &self.addr_file;
+        match self
+            .proc
+            .wait_ready(deadline, || read_addr_file(addr_file))
+            .await
+        {
+            Ok((grpc, http)) => {
                 self.grpc = Some(grpc);
                 self.http = Some(http);
-                return Ok(());
+                Ok(())
             }
-            if Instant::now() >= deadline {
-                self.kill9();
-                return Err(StartFailure {
-                    status: None,
-                    stderr: self.last_stderr(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(status) => Err(StartFailure {
+                status,
+                stderr: self.last_stderr(),
+            }),
         }
     }
 
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
+        self.proc.is_running()
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -328,46 +466,16 @@ impl BookieProcess {
 
     /// SIGKILL: the crash fault. Returns once the process is gone.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.kill9();
         self.grpc = None;
         self.http = None;
     }
 
     /// SIGTERM and wait for the clean shutdown; panics unless the bookie exits 0 in time.
     pub async fn terminate(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
         self.grpc = None;
         self.http = None;
-        // SAFETY: kill(2) on the pid of a child we have not yet reaped.
-        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(rc, 0, "SIGTERM failed: {}", std::io::Error::last_os_error());
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait for bookie") {
-                assert!(
-                    status.success(),
-                    "bookie {} exited with {status} after SIGTERM; stderr:\n{}",
-                    self.name,
-                    tail(&self.last_stderr(), 40)
-                );
-                return;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "bookie {} did not stop within {START_TIMEOUT:?} of SIGTERM (logs: {})",
-                    self.name,
-                    self.log_dir.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.proc.terminate(START_TIMEOUT).await;
     }
 
     /// Replaces the config file (takes effect at the next start).
@@ -400,24 +508,16 @@ impl BookieProcess {
 
     /// The per-test directory (scratch space for the test too).
     pub fn root(&self) -> &Path {
-        &self.root_path
+        &self.proc.root_path
     }
 
     pub fn log_dir(&self) -> &Path {
-        &self.log_dir
-    }
-
-    fn stdout_path(&self) -> PathBuf {
-        self.log_dir.join(format!("run-{}.stdout.log", self.runs))
-    }
-
-    fn stderr_path(&self) -> PathBuf {
-        self.log_dir.join(format!("run-{}.stderr.log", self.runs))
+        &self.proc.log_dir
     }
 
     /// Everything the latest run wrote to stderr.
     pub fn last_stderr(&self) -> String {
-        std::fs::read_to_string(self.stderr_path()).unwrap_or_default()
+        self.proc.last_stderr()
     }
 
     /// GET on the bookie's HTTP port.
@@ -442,28 +542,6 @@ impl BookieProcess {
         let (code, body) = self.http_get("/metrics");
         assert_eq!(code, 200, "GET /metrics: {body}");
         parse_metric(&body, name)
-    }
-}
-
-impl Drop for BookieProcess {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            if let Some(root) = self.root.take() {
-                let kept = root.keep();
-                eprintln!(
-                    "test failed: bookie {} kept its directory {} (logs in {})",
-                    self.name,
-                    kept.display(),
-                    kept.join("logs").display()
-                );
-            }
-            eprintln!(
-                "last stderr of bookie {}:\n{}",
-                self.name,
-                tail(&self.last_stderr(), 30)
-            );
-        }
     }
 }
 
@@ -939,7 +1017,7 @@ impl BookieProcess {
 
     /// The process id while running (for SIGSTOP/SIGCONT through [`send_signal`]).
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.proc.pid()
     }
 }
 
@@ -950,37 +1028,23 @@ impl BookieProcess {
 /// test keeps the directory and prints the logs' location and tail.
 pub struct MetadataNode {
     id: u64,
-    root: Option<tempfile::TempDir>,
-    root_path: PathBuf,
+    proc: TestProcess,
     data_dir: PathBuf,
     addr_file: PathBuf,
-    log_dir: PathBuf,
     listen: SocketAddr,
-    child: Option<Child>,
-    runs: u32,
 }
 
 impl MetadataNode {
     /// Starts node `id` (> 0) in a fresh directory; panics (pointing at its logs) when it does
     /// not come up.
     pub async fn start(id: u64) -> Self {
-        let root = tempfile::Builder::new()
-            .prefix(&format!("quire-test-meta-{id}-"))
-            .tempdir()
-            .expect("create test directory");
-        let root_path = root.path().to_path_buf();
-        let log_dir = root_path.join("logs");
-        std::fs::create_dir_all(&log_dir).expect("create log directory");
+        let proc = TestProcess::new(&format!("meta-{id}"), format!("metadata node {id}"), 20);
         let mut node = MetadataNode {
             id,
-            data_dir: root_path.join("data"),
-            addr_file: root_path.join("node.addr"),
-            log_dir,
-            root: Some(root),
-            root_path,
+            data_dir: proc.root_path.join("data"),
+            addr_file: proc.root_path.join("node.addr"),
+            proc,
             listen: "127.0.0.1:0".parse().expect("valid address"),
-            child: None,
-            runs: 0,
         };
         node.restart().await;
         node
@@ -993,7 +1057,7 @@ impl MetadataNode {
             panic!(
                 "metadata node {} failed to start ({}): {e}",
                 self.id,
-                self.log_dir.display()
+                self.proc.log_dir.display()
             );
         }
     }
@@ -1027,34 +1091,29 @@ impl MetadataNode {
     }
 
     async fn spawn_once(&mut self, deadline: Instant) -> Result<(), (Option<ExitStatus>, String)> {
-        self.runs += 1;
         let _ = std::fs::remove_file(&self.addr_file);
-        let stdout = std::fs::File::create(self.stdout_path()).expect("create stdout log");
-        let stderr = std::fs::File::create(self.stderr_path()).expect("create stderr log");
-        let mut cmd = quire_command(stdout, stderr);
-        cmd.arg("metadata")
-            .arg("--id")
-            .arg(self.id.to_string())
-            .arg("--listen")
-            .arg(self.listen.to_string())
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg("--addr-file")
-            .arg(&self.addr_file);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", quire_bin().display()));
-        self.child = Some(child);
-        loop {
-            let child = self.child.as_mut().expect("spawned above");
-            if let Some(status) = child.try_wait().expect("wait for metadata node") {
-                self.child = None;
-                return Err((Some(status), self.last_stderr()));
-            }
-            let bound = std::fs::read_to_string(&self.addr_file)
-                .ok()
-                .and_then(|t| t.lines().next()?.trim().parse::<SocketAddr>().ok());
-            if let Some(addr) = bound {
+        self.proc.spawn(|cmd| {
+            cmd.arg("metadata")
+                .arg("--id")
+                .arg(self.id.to_string())
+                .arg("--listen")
+                .arg(self.listen.to_string())
+                .arg("--data-dir")
+                .arg(&self.data_dir)
+                .arg("--addr-file")
+                .arg(&self.addr_file);
+        });
+        let addr_file = &self.addr_file;
+        let bound = self
+            .proc
+            .wait_ready(deadline, || {
+                std::fs::read_to_string(addr_file)
+                    .ok()
+                    .and_then(|t| t.lines().next()?.trim().parse::<SocketAddr>().ok())
+            })
+            .await;
+        match bound {
+            Ok(addr) => {
                 assert!(
                     self.listen.port() == 0 || self.listen == addr,
                     "metadata node {} bound {addr} instead of {}",
@@ -1062,13 +1121,9 @@ impl MetadataNode {
                     self.listen
                 );
                 self.listen = addr;
-                return Ok(());
+                Ok(())
             }
-            if Instant::now() >= deadline {
-                self.kill9();
-                return Err((None, self.last_stderr()));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(status) => Err((status, self.last_stderr())),
         }
     }
 
@@ -1088,12 +1143,12 @@ impl MetadataNode {
     }
 
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
+        self.proc.is_running()
     }
 
     /// The process id while running.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.proc.pid()
     }
 
     /// `quire://<this node>`: a store URI naming this node alone.
@@ -1103,40 +1158,12 @@ impl MetadataNode {
 
     /// SIGKILL: the crash fault. Returns once the process is gone.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.kill9();
     }
 
     /// SIGTERM and wait for the clean shutdown; panics unless the node exits 0 in time.
     pub async fn terminate(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        send_signal(child.id(), libc::SIGTERM);
-        let deadline = Instant::now() + META_TIMEOUT;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait for metadata node") {
-                assert!(
-                    status.success(),
-                    "metadata node {} exited with {status} after SIGTERM; stderr:\n{}",
-                    self.id,
-                    tail(&self.last_stderr(), 40)
-                );
-                return;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "metadata node {} did not stop within {META_TIMEOUT:?} of SIGTERM (logs: {})",
-                    self.id,
-                    self.log_dir.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.proc.terminate(META_TIMEOUT).await;
     }
 
     /// The node's own view (Status RPC, 3 s timeout); `Err` when it is stopped or does not
@@ -1158,46 +1185,16 @@ impl MetadataNode {
 
     /// The per-node directory (data directory and logs).
     pub fn root(&self) -> &Path {
-        &self.root_path
+        &self.proc.root_path
     }
 
     pub fn log_dir(&self) -> &Path {
-        &self.log_dir
-    }
-
-    fn stdout_path(&self) -> PathBuf {
-        self.log_dir.join(format!("run-{}.stdout.log", self.runs))
-    }
-
-    fn stderr_path(&self) -> PathBuf {
-        self.log_dir.join(format!("run-{}.stderr.log", self.runs))
+        &self.proc.log_dir
     }
 
     /// Everything the latest run wrote to stderr.
     pub fn last_stderr(&self) -> String {
-        std::fs::read_to_string(self.stderr_path()).unwrap_or_default()
-    }
-}
-
-impl Drop for MetadataNode {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            if let Some(root) = self.root.take() {
-                let kept = root.keep();
-                eprintln!(
-                    "test failed: metadata node {} kept its directory {} (logs in {})",
-                    self.id,
-                    kept.display(),
-                    kept.join("logs").display()
-                );
-            }
-            eprintln!(
-                "last stderr of metadata node {}:\n{}",
-                self.id,
-                tail(&self.last_stderr(), 20)
-            );
-        }
+        self.proc.last_stderr()
     }
 }
 
@@ -1420,36 +1417,22 @@ fn read_standalone_addrs(path: &Path) -> Option<StandaloneAddrs> {
 /// server on a 127.0.0.1 ephemeral port. Dropping it kills the process; a panicking test keeps
 /// the directory and prints where the logs are.
 pub struct StandaloneProcess {
-    root: Option<tempfile::TempDir>,
-    root_path: PathBuf,
+    proc: TestProcess,
     data_dir: PathBuf,
     addr_file: PathBuf,
-    log_dir: PathBuf,
-    child: Option<Child>,
     addrs: Option<StandaloneAddrs>,
-    runs: u32,
 }
 
 impl StandaloneProcess {
     /// Starts `quire standalone` on a new directory; panics (with its stderr) when it does not
     /// come up.
     pub async fn start(name: &str) -> Self {
-        let root = tempfile::Builder::new()
-            .prefix(&format!("quire-test-{name}-"))
-            .tempdir()
-            .expect("create test directory");
-        let root_path = root.path().to_path_buf();
-        let log_dir = root_path.join("logs");
-        std::fs::create_dir_all(&log_dir).expect("create log directory");
+        let proc = TestProcess::new(name, "quire standalone".into(), 30);
         let mut p = StandaloneProcess {
-            data_dir: root_path.join("data"),
-            addr_file: root_path.join("addrs.json"),
-            root: Some(root),
-            root_path,
-            log_dir,
-            child: None,
+            data_dir: proc.root_path.join("data"),
+            addr_file: proc.root_path.join("addrs.json"),
+            proc,
             addrs: None,
-            runs: 0,
         };
         p.restart().await;
         p
@@ -1461,57 +1444,45 @@ impl StandaloneProcess {
         if self.is_running() {
             self.terminate().await;
         }
-        self.runs += 1;
         let _ = std::fs::remove_file(&self.addr_file);
-        let stdout = std::fs::File::create(self.stdout_path()).expect("create stdout log");
-        let stderr = std::fs::File::create(self.stderr_path()).expect("create stderr log");
-        let mut cmd = quire_command(stdout, stderr);
-        cmd.arg("standalone")
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg("--addr-file")
-            .arg(&self.addr_file)
-            .args([
-                "--metadata-listen",
-                "127.0.0.1:0",
-                "--api-listen",
-                "127.0.0.1:0",
-                "--bookie-listen-base",
-                "127.0.0.1:0",
-                "--bookie-http-base",
-                "127.0.0.1:0",
-            ]);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", quire_bin().display()));
-        self.child = Some(child);
+        self.proc.spawn(|cmd| {
+            cmd.arg("standalone")
+                .arg("--data-dir")
+                .arg(&self.data_dir)
+                .arg("--addr-file")
+                .arg(&self.addr_file)
+                .args([
+                    "--metadata-listen",
+                    "127.0.0.1:0",
+                    "--api-listen",
+                    "127.0.0.1:0",
+                    "--bookie-listen-base",
+                    "127.0.0.1:0",
+                    "--bookie-http-base",
+                    "127.0.0.1:0",
+                ]);
+        });
         let deadline = Instant::now() + STANDALONE_TIMEOUT;
-        loop {
-            let child = self.child.as_mut().expect("spawned above");
-            if let Some(status) = child.try_wait().expect("wait for standalone") {
-                self.child = None;
-                panic!(
-                    "quire standalone exited with {status} instead of serving; stderr:\n{}",
-                    tail(&self.last_stderr(), 40)
-                );
-            }
-            if let Some(a) = read_standalone_addrs(&self.addr_file) {
-                self.addrs = Some(a);
-                return;
-            }
-            if Instant::now() >= deadline {
-                self.kill9();
-                panic!(
-                    "quire standalone did not serve within {STANDALONE_TIMEOUT:?}; stderr:\n{}",
-                    tail(&self.last_stderr(), 40)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let addr_file = &self.addr_file;
+        match self
+            .proc
+            .wait_ready(deadline, || read_standalone_addrs(addr_file))
+            .await
+        {
+            Ok(a) => self.addrs = Some(a),
+            Err(Some(status)) => panic!(
+                "quire standalone exited with {status} instead of serving; stderr:\n{}",
+                tail(&self.last_stderr(), 40)
+            ),
+            Err(None) => panic!(
+                "quire standalone did not serve within {STANDALONE_TIMEOUT:?}; stderr:\n{}",
+                tail(&self.last_stderr(), 40)
+            ),
         }
     }
 
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
+        self.proc.is_running()
     }
 
     /// The addresses of the current run.
@@ -1544,45 +1515,19 @@ impl StandaloneProcess {
 
     /// The process id while running.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.proc.pid()
     }
 
     /// SIGKILL: the crash fault. Returns once the process is gone.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.kill9();
         self.addrs = None;
     }
 
     /// SIGTERM and wait for the clean shutdown; panics unless it exits 0 in time.
     pub async fn terminate(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
         self.addrs = None;
-        send_signal(child.id(), libc::SIGTERM);
-        let deadline = Instant::now() + STANDALONE_TIMEOUT;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait for standalone") {
-                assert!(
-                    status.success(),
-                    "quire standalone exited with {status} after SIGTERM; stderr:\n{}",
-                    tail(&self.last_stderr(), 40)
-                );
-                return;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "quire standalone did not stop within {STANDALONE_TIMEOUT:?} of SIGTERM (logs: {})",
-                    self.log_dir.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.proc.terminate(STANDALONE_TIMEOUT).await;
     }
 
     /// The `--data-dir` it runs on.
@@ -1592,48 +1537,20 @@ impl StandaloneProcess {
 
     /// The per-test directory (scratch space for the test too).
     pub fn root(&self) -> &Path {
-        &self.root_path
+        &self.proc.root_path
     }
 
     pub fn log_dir(&self) -> &Path {
-        &self.log_dir
-    }
-
-    fn stdout_path(&self) -> PathBuf {
-        self.log_dir.join(format!("run-{}.stdout.log", self.runs))
-    }
-
-    fn stderr_path(&self) -> PathBuf {
-        self.log_dir.join(format!("run-{}.stderr.log", self.runs))
+        &self.proc.log_dir
     }
 
     /// Everything the latest run wrote to stdout.
     pub fn last_stdout(&self) -> String {
-        std::fs::read_to_string(self.stdout_path()).unwrap_or_default()
+        self.proc.last_stdout()
     }
 
     /// Everything the latest run wrote to stderr.
     pub fn last_stderr(&self) -> String {
-        std::fs::read_to_string(self.stderr_path()).unwrap_or_default()
-    }
-}
-
-impl Drop for StandaloneProcess {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            if let Some(root) = self.root.take() {
-                let kept = root.keep();
-                eprintln!(
-                    "test failed: quire standalone kept its directory {} (logs in {})",
-                    kept.display(),
-                    kept.join("logs").display()
-                );
-            }
-            eprintln!(
-                "last stderr of quire standalone:\n{}",
-                tail(&self.last_stderr(), 30)
-            );
-        }
+        self.proc.last_stderr()
     }
 }
