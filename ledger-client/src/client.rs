@@ -154,7 +154,7 @@ impl Client {
     /// A client over an already connected metadata store.
     pub async fn with_store(store: DynStore, cfg: ClientConfig) -> Result<Client> {
         let registry = BookieRegistry::new(store.clone());
-        let pool = BookiePool::new(registry.clone(), cfg.read_timeout);
+        let pool = BookiePool::new(registry.clone(), cfg.read_timeout, cfg.add_timeout);
         Ok(Client {
             shared: Arc::new(Shared {
                 ledgers: LedgerStore::new(store),

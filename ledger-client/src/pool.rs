@@ -2,9 +2,11 @@
 //! pipelined add stream per bookie, addresses resolved through the bookie registry.
 //!
 //! Add results are routed back to whoever sent the add through the `reply` channel given with it.
-//! Those channels and the outbound add queues are unbounded on purpose: what can be in them is
-//! bounded by the writers' in-flight limits (each pending entry is sent to at most Qw bookies at a
-//! time), and a writer's driver must never block on one slow bookie while others answer.
+//! Those channels and the outbound add queues are unbounded channels (a writer's driver must never
+//! block on one slow bookie while others answer), but what they hold is bounded: a stream takes
+//! at most [`OUTSTANDING_MAX`] adds or [`OUTSTANDING_BYTES_MAX`] bytes unanswered (more fail at
+//! once, and the writer replaces the bookie), and an add unanswered for the add timeout fails.
+//! That matters with Qa < Qw, where a slow bookie never holds the writer back by itself.
 //!
 //! A bookie that answers TOO_MANY_REQUESTS gets the same add again after a short pause; every
 //! other failure goes back to the sender. When an add stream breaks, every add outstanding on it
@@ -16,7 +18,7 @@ use std::hash::BuildHasherDefault;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -37,6 +39,12 @@ const BUSY_RETRY: Duration = Duration::from_millis(20);
 /// Gives up resending a refused add after this many tries.
 const BUSY_RETRIES_MAX: u32 = 200;
 const MESSAGE_MAX: usize = 64 << 20;
+/// Unanswered adds one add stream holds at most.
+pub const OUTSTANDING_MAX: usize = 100_000;
+/// Unanswered add bytes one add stream holds at most.
+pub const OUTSTANDING_BYTES_MAX: usize = 256 << 20;
+/// How often a stream looks for adds unanswered past the add timeout.
+const SWEEP: Duration = Duration::from_millis(500);
 
 /// A failed bookie call: the Quire code and the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,41 +95,79 @@ struct Waiter {
     entry: pb::AddEntry,
     reply: ReplyTx,
     tries: u32,
+    sent: Instant,
 }
 
 /// Adds sent on one stream and not answered yet. Once `closed`, the stream's task has failed
-/// everything in `map` and nothing may be added (checked under the same lock, so no add can slip
-/// in after the final drain and wait forever). The same entry outstanding twice on one stream
-/// (a recovery write-back racing the writer) is rare: the second waits in `dups`.
+/// everything in it and nothing may be added (checked under the same lock, so no add can slip
+/// in after the final drain and wait forever).
+///
+/// Answers name only (ledger, entry), so one entry is never outstanding twice on a stream: a
+/// second add of it (a recovery write-back racing the writer) waits in `held`, unsent, until the
+/// first is answered.
 #[derive(Default)]
 struct WaiterMap {
     closed: bool,
     map: HashMap<(u64, u64), Waiter, BuildHasherDefault<rustc_hash::FxHasher>>,
-    dups: Vec<Waiter>,
+    held: Vec<Waiter>,
+    bytes: usize,
 }
 
 impl WaiterMap {
-    fn insert(&mut self, w: Waiter) {
+    fn len(&self) -> usize {
+        self.map.len() + self.held.len()
+    }
+
+    /// Registers an add; returns the entry when it is to be sent now.
+    fn insert(&mut self, w: Waiter) -> Option<pb::AddEntry> {
+        self.bytes += w.entry.body.len();
         let key = (w.entry.ledger_id, w.entry.entry_id);
         match self.map.entry(key) {
-            std::collections::hash_map::Entry::Occupied(_) => self.dups.push(w),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(w);
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.held.push(w);
+                None
             }
+            std::collections::hash_map::Entry::Vacant(v) => Some(v.insert(w).entry.clone()),
         }
     }
 
-    fn take(&mut self, key: (u64, u64)) -> Option<Waiter> {
-        let w = self.map.remove(&key)?;
-        if let Some(i) = self
-            .dups
+    /// Removes the add answered for `key`; returns it, and a held add of the same entry to send
+    /// now.
+    fn take(&mut self, key: (u64, u64)) -> (Option<Waiter>, Option<pb::AddEntry>) {
+        let Some(w) = self.map.remove(&key) else {
+            return (None, None);
+        };
+        self.bytes -= w.entry.body.len();
+        let next = self
+            .held
             .iter()
             .position(|d| (d.entry.ledger_id, d.entry.entry_id) == key)
-        {
-            let d = self.dups.swap_remove(i);
-            self.map.insert(key, d);
+            .map(|i| {
+                let mut d = self.held.swap_remove(i);
+                d.sent = Instant::now();
+                let e = d.entry.clone();
+                self.map.insert(key, d);
+                e
+            });
+        (Some(w), next)
+    }
+
+    /// Removes the adds sent before `deadline`; returns them, and held adds to send now.
+    fn expire(&mut self, deadline: Instant) -> (Vec<Waiter>, Vec<pb::AddEntry>) {
+        let keys: Vec<(u64, u64)> = self
+            .map
+            .iter()
+            .filter(|(_, w)| w.sent < deadline)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut expired = Vec::with_capacity(keys.len());
+        let mut resend = Vec::new();
+        for k in keys {
+            let (w, next) = self.take(k);
+            expired.extend(w);
+            resend.extend(next);
         }
-        Some(w)
+        (expired, resend)
     }
 }
 
@@ -142,14 +188,21 @@ pub struct BookiePool {
     registry: BookieRegistry,
     conns: Mutex<HashMap<String, Conn>>,
     call_timeout: Duration,
+    add_timeout: Duration,
 }
 
 impl BookiePool {
-    pub fn new(registry: BookieRegistry, call_timeout: Duration) -> Arc<Self> {
+    /// `call_timeout` bounds unary calls; an add unanswered for `add_timeout` fails.
+    pub fn new(
+        registry: BookieRegistry,
+        call_timeout: Duration,
+        add_timeout: Duration,
+    ) -> Arc<Self> {
         Arc::new(BookiePool {
             registry,
             conns: Mutex::new(HashMap::new()),
             call_timeout,
+            add_timeout,
         })
     }
 
@@ -214,6 +267,7 @@ impl BookiePool {
                 entry,
                 reply: reply.clone(),
                 tries: 0,
+                sent: Instant::now(),
             })
             .collect();
         self.submit(bookie, waiters).await;
@@ -238,15 +292,27 @@ impl BookiePool {
             conn.adds = Some(self.open_stream(bookie, conn));
         }
         let s = conn.adds.as_ref().expect("just opened");
-        let entries: Vec<pb::AddEntry> = ws.iter().map(|w| w.entry.clone()).collect();
         let mut g = s.waiters.lock();
-        if g.closed || s.tx.send(entries).is_err() {
+        if g.closed || s.tx.is_closed() {
             drop(g);
             drop(conns);
             return fail_all(bookie, ws, CallError::io("add stream closed"));
         }
-        for w in ws {
-            g.insert(w);
+        let bytes: usize = ws.iter().map(|w| w.entry.body.len()).sum();
+        if g.len() + ws.len() > OUTSTANDING_MAX || g.bytes + bytes > OUTSTANDING_BYTES_MAX {
+            let why = format!(
+                "bookie {bookie} has {} adds ({} bytes) unanswered",
+                g.len(),
+                g.bytes
+            );
+            drop(g);
+            drop(conns);
+            return fail_all(bookie, ws, CallError::io(why));
+        }
+        let entries: Vec<pb::AddEntry> = ws.into_iter().filter_map(|w| g.insert(w)).collect();
+        // Sent under the lock, so a stream's adds go out in the order they were registered.
+        if !entries.is_empty() {
+            let _ = s.tx.send(entries); // a closed stream fails them all in its final drain
         }
     }
 
@@ -255,12 +321,11 @@ impl BookiePool {
         let (tx, rx) = mpsc::unbounded_channel::<Vec<pb::AddEntry>>();
         let waiters: Waiters = Arc::default();
         let mut client = conn.client.clone();
-        let (pool, bookie, addr, w) = (
-            self.clone(),
-            bookie.to_string(),
-            conn.addr.clone(),
-            waiters.clone(),
-        );
+        // The task holds the pool and the stream's sender weakly: once the client is dropped,
+        // the pool and its senders go, the request stream ends and so does the task.
+        let (pool, sender) = (Arc::downgrade(self), tx.downgrade());
+        let (bookie, addr, w) = (bookie.to_string(), conn.addr.clone(), waiters.clone());
+        let add_timeout = self.add_timeout;
         tokio::spawn(async move {
             let batcher = Batcher {
                 rx,
@@ -268,29 +333,58 @@ impl BookiePool {
                 closed: false,
             };
             let bookie: Arc<str> = bookie.into();
+            let resend = |entries: Vec<pb::AddEntry>| {
+                if let (false, Some(tx)) = (entries.is_empty(), sender.upgrade()) {
+                    let _ = tx.send(entries);
+                }
+            };
             let why = match client.add(batcher).await {
-                Err(s) => format!("opening the add stream: {}", s.message()),
+                Err(s) => CallError::from_status(&s),
                 Ok(resp) => {
                     let mut responses = resp.into_inner();
+                    let mut sweep = tokio::time::interval(SWEEP);
                     loop {
-                        match responses.message().await {
-                            Ok(Some(msg)) => pool.route(&bookie, &w, msg).await,
-                            Ok(None) => break "add stream ended".to_string(),
-                            Err(s) => break format!("add stream failed: {}", s.message()),
+                        tokio::select! {
+                            m = responses.message() => match (m, pool.upgrade()) {
+                                (Ok(Some(msg)), Some(pool)) => resend(pool.route(&bookie, &w, msg)),
+                                (Ok(Some(_)), None) => break CallError::io("client dropped"),
+                                (Ok(None), _) => break CallError::io("add stream ended"),
+                                (Err(s), _) => break CallError::io(format!("add stream failed: {}", s.message())),
+                            },
+                            _ = sweep.tick() => {
+                                let Some(deadline) = Instant::now().checked_sub(add_timeout) else {
+                                    continue;
+                                };
+                                let (expired, again) = w.lock().expire(deadline);
+                                let e = CallError::io(format!("no answer within {add_timeout:?}"));
+                                fail_all(&bookie, expired, e);
+                                resend(again);
+                            }
                         }
                     }
                 }
             };
             tracing::debug!(%bookie, %why, "add stream closed");
-            pool.forget(&bookie, &addr);
-            drain(&bookie, &w, &why);
+            if let Some(pool) = pool.upgrade() {
+                pool.forget(&bookie, &addr);
+            }
+            drain(&bookie, &w, why);
         });
         AddStream { tx, waiters }
     }
 
-    async fn route(self: &Arc<Self>, bookie: &Arc<str>, waiters: &Waiters, msg: pb::AddResponse) {
+    /// Hands each result to its sender; returns held adds to send now.
+    fn route(
+        self: &Arc<Self>,
+        bookie: &Arc<str>,
+        waiters: &Waiters,
+        msg: pb::AddResponse,
+    ) -> Vec<pb::AddEntry> {
+        let mut resend = Vec::new();
         for r in msg.results {
-            let Some(w) = waiters.lock().take((r.ledger_id, r.entry_id)) else {
+            let (w, next) = waiters.lock().take((r.ledger_id, r.entry_id));
+            resend.extend(next);
+            let Some(w) = w else {
                 continue;
             };
             let code = StatusCode::try_from(r.code).unwrap_or(StatusCode::IoError);
@@ -300,6 +394,7 @@ impl BookiePool {
                     tokio::time::sleep(BUSY_RETRY).await;
                     let w = Waiter {
                         tries: w.tries + 1,
+                        sent: Instant::now(),
                         ..w
                     };
                     pool.submit(&bookie, vec![w]).await;
@@ -321,6 +416,7 @@ impl BookiePool {
                 result,
             });
         }
+        resend
     }
 
     async fn unary<T, F, Fut>(&self, bookie: &str, call: F) -> Result<T, CallError>
@@ -456,15 +552,16 @@ fn fail_all(bookie: &str, ws: Vec<Waiter>, e: CallError) {
 }
 
 /// Fails every add still waiting on a stream that ended.
-fn drain(bookie: &str, waiters: &Waiters, why: &str) {
+fn drain(bookie: &str, waiters: &Waiters, why: CallError) {
     let all: Vec<Waiter> = {
         let mut g = waiters.lock();
         g.closed = true;
+        g.bytes = 0;
         let mut all: Vec<Waiter> = g.map.drain().map(|(_, w)| w).collect();
-        all.append(&mut g.dups);
+        all.append(&mut g.held);
         all
     };
-    fail_all(bookie, all, CallError::io(why));
+    fail_all(bookie, all, why);
 }
 
 /// The outbound side of an add stream: packs whatever entries are queued into one message, up to

@@ -152,17 +152,35 @@ impl LedgerReader {
             .collect()
     }
 
-    /// One entry from its write set: replicas in order, the next on failure or after the
-    /// speculative delay; digest verified.
+    fn replicas(&self, entry_id: u64) -> Vec<String> {
+        let meta = self.inner.meta.read();
+        meta.write_set(entry_id)
+            .into_iter()
+            .map(String::from)
+            .collect()
+    }
+
+    /// One entry; when no replica has it, looks at the metadata again and, if the writer has
+    /// moved the entry to other bookies since (an ensemble change), reads it there.
     async fn read_entry(&self, entry_id: u64) -> Result<Entry> {
+        let replicas = self.replicas(entry_id);
+        match self.read_from(entry_id, &replicas).await {
+            Err(e @ (LedgerError::NoSuchEntry(..) | LedgerError::Unreadable(..))) => {
+                self.refresh().await?;
+                let now = self.replicas(entry_id);
+                if now == replicas {
+                    return Err(e);
+                }
+                self.read_from(entry_id, &now).await
+            }
+            r => r,
+        }
+    }
+
+    /// One entry from `replicas` (its write set): in order, the next on failure or after the
+    /// speculative delay; digest verified.
+    async fn read_from(&self, entry_id: u64, replicas: &[String]) -> Result<Entry> {
         let id = self.inner.id;
-        let replicas: Vec<String> = {
-            let meta = self.inner.meta.read();
-            meta.write_set(entry_id)
-                .into_iter()
-                .map(String::from)
-                .collect()
-        };
         let pool = &self.inner.shared.pool;
         let spec = self.inner.shared.cfg.speculative_read;
         let mut next = 0usize;
@@ -237,20 +255,46 @@ impl LedgerReader {
             .await
     }
 
-    async fn poll_lac(&self, previous: i64, wait: Option<Duration>) -> Result<i64> {
-        if self.is_closed() || self.lac() > previous && wait.is_some() {
-            return Ok(self.lac());
-        }
-        let id = self.inner.id;
-        let bookies: Vec<String> = self
-            .inner
+    fn last_ensemble(&self) -> Vec<String> {
+        self.inner
             .meta
             .read()
             .ensembles
             .values()
             .next_back()
             .cloned()
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    async fn poll_lac(&self, previous: i64, wait: Option<Duration>) -> Result<i64> {
+        let bookies = self.last_ensemble();
+        match self.poll_lac_on(&bookies, previous, wait).await {
+            // Nobody answered: the ensemble may have changed, or the ledger closed, under us.
+            Err(e) => {
+                self.refresh().await?;
+                if self.is_closed() {
+                    return Ok(self.lac());
+                }
+                let now = self.last_ensemble();
+                if now == bookies {
+                    return Err(e);
+                }
+                self.poll_lac_on(&now, previous, wait).await
+            }
+            r => r,
+        }
+    }
+
+    async fn poll_lac_on(
+        &self,
+        bookies: &[String],
+        previous: i64,
+        wait: Option<Duration>,
+    ) -> Result<i64> {
+        if self.is_closed() || self.lac() > previous && wait.is_some() {
+            return Ok(self.lac());
+        }
+        let id = self.inner.id;
         let pool = &self.inner.shared.pool;
         let mut calls: FuturesUnordered<_> = bookies
             .iter()
@@ -273,11 +317,6 @@ impl LedgerReader {
             }
         }
         if answered == 0 {
-            // Maybe the ensemble changed or the ledger closed under us.
-            self.refresh().await?;
-            if self.is_closed() {
-                return Ok(self.lac());
-            }
             return Err(LedgerError::Unreadable(
                 id,
                 (previous + 1) as u64,

@@ -79,14 +79,27 @@ pub struct LedgerWriter {
 /// Resolves to the entry id once the entry is acknowledged.
 pub struct AppendFuture {
     rx: oneshot::Receiver<Result<u64>>,
+    id: u64,
+    state: Arc<State>,
 }
 
 impl Future for AppendFuture {
     type Output = Result<u64>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.rx).poll(cx).map(|r| {
-            r.unwrap_or_else(|_| Err(LedgerError::WriterStopped("writer task ended".into())))
-        })
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or_else(|_| Err(self.state.stopped(self.id))))
+    }
+}
+
+impl State {
+    /// Why a writer whose task ended refuses more: closed, its error, or just stopped.
+    fn stopped(&self, id: u64) -> LedgerError {
+        match self.outcome.lock().as_ref() {
+            Some(Ok(_)) => LedgerError::Closed(id),
+            Some(Err(e)) => e.clone(),
+            None => LedgerError::WriterStopped("writer task ended".into()),
+        }
     }
 }
 
@@ -189,16 +202,12 @@ impl LedgerWriter {
                 permits: (entry, bytes),
             })
             .await
-            .map_err(|_| self.stopped_error())?;
-        Ok(AppendFuture { rx })
-    }
-
-    fn stopped_error(&self) -> LedgerError {
-        match self.state.outcome.lock().as_ref() {
-            Some(Ok(_)) => LedgerError::Closed(self.id),
-            Some(Err(e)) => e.clone(),
-            None => LedgerError::WriterStopped("writer task ended".into()),
-        }
+            .map_err(|_| self.state.stopped(self.id))?;
+        Ok(AppendFuture {
+            rx,
+            id: self.id,
+            state: self.state.clone(),
+        })
     }
 
     /// Waits for every pending append, then closes the ledger at its LAC. Closing again returns
@@ -208,14 +217,14 @@ impl LedgerWriter {
             return r.clone();
         }
         let (tx, rx) = oneshot::channel();
+        let outcome = || match self.state.outcome.lock().as_ref() {
+            Some(r) => r.clone(),
+            None => Err(LedgerError::WriterStopped("writer task ended".into())),
+        };
         if self.commands.send(Command::Close(tx)).await.is_err() {
-            return match self.state.outcome.lock().as_ref() {
-                Some(r) => r.clone(),
-                None => Err(LedgerError::WriterStopped("writer task ended".into())),
-            };
+            return outcome();
         }
-        rx.await
-            .unwrap_or_else(|_| Err(LedgerError::WriterStopped("writer task ended".into())))
+        rx.await.unwrap_or_else(|_| outcome())
     }
 }
 
@@ -300,7 +309,9 @@ impl Driver {
                 reply,
                 permits,
             } => {
-                if self.close_started {
+                // Appends queued before a close still go in; later ones are refused, so a close
+                // cannot be held off forever by another task that keeps appending.
+                if self.close_started || !self.closing.is_empty() {
                     let _ = reply.send(Err(LedgerError::Closed(self.core.ledger_id())));
                     return;
                 }
@@ -539,17 +550,34 @@ impl Driver {
         let (shared, events) = (self.shared.clone(), self.events_tx.clone());
         let (id, version, lac) = (self.core.ledger_id(), self.core.version(), self.core.lac());
         tokio::spawn(async move {
-            let r = match cas(&shared, id, &closed, version).await {
-                Ok(v) => Ok(v),
-                // Someone else closed it: fine when at our LAC (an earlier attempt of ours whose
-                // answer was lost, or a recovery that found exactly our entries); fenced otherwise.
-                Err(CasError::Conflict(cur))
-                    if cur.value.state == LedgerState::Closed && cur.value.last_entry_id == lac =>
-                {
-                    Ok(cur)
+            let (mut closed, mut version) = (closed, version);
+            let r = loop {
+                match cas(&shared, id, &closed, version).await {
+                    Ok(v) => break Ok(v),
+                    // Someone else closed it: fine when at our LAC (an earlier attempt of ours
+                    // whose answer was lost, or a recovery that found exactly our entries).
+                    Err(CasError::Conflict(cur))
+                        if cur.value.state == LedgerState::Closed
+                            && cur.value.last_entry_id == lac =>
+                    {
+                        break Ok(cur);
+                    }
+                    // Still OPEN with our last ensemble: another party changed only earlier
+                    // fragments (autorecovery); close on top of its version.
+                    Err(CasError::Conflict(cur))
+                        if cur.value.state == LedgerState::Open
+                            && cur.value.ensembles.iter().next_back()
+                                == closed.ensembles.iter().next_back() =>
+                    {
+                        let mut m = cur.value.clone();
+                        if let Err(e) = m.close(lac, closed.length) {
+                            break Err(LedgerError::from_meta(id, e));
+                        }
+                        (closed, version) = (m, cur.version);
+                    }
+                    Err(CasError::Conflict(_)) => break Err(LedgerError::Fenced(id)),
+                    Err(CasError::Failed(e)) => break Err(e),
                 }
-                Err(CasError::Conflict(_)) => Err(LedgerError::Fenced(id)),
-                Err(CasError::Failed(e)) => Err(e),
             };
             let _ = events.send(Event::Closed(r));
         });

@@ -295,3 +295,65 @@ async fn tail_follows_the_writer_and_ends_at_close() {
     }
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_completes_while_another_task_keeps_appending() {
+    let c = Cluster::start(3).await;
+    let client = c.client().await;
+    let w = client.create(CreateOptions::default()).await.unwrap();
+    let w2 = w.clone();
+    let appender = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for i in 0.. {
+            match w2.append(payload(i)).await {
+                Ok(id) => acked.push(id),
+                Err(e) => return (acked, e),
+            }
+        }
+        unreachable!()
+    });
+    while w.lac() < 20 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let meta = tokio::time::timeout(Duration::from_secs(30), w.close())
+        .await
+        .expect("close is not held off by a busy appender")
+        .unwrap();
+    let (acked, err) = appender.await.unwrap();
+    assert_eq!(err.code(), "CLOSED", "{err}");
+    assert_eq!(*acked.last().unwrap() as i64, meta.last_entry_id);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_follows_an_ensemble_change_it_did_not_see() {
+    let mut c = Cluster::start(2).await;
+    let client = c.client().await;
+    let w = client
+        .create(CreateOptions {
+            ensemble: 1,
+            write_quorum: 1,
+            ack_quorum: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for i in 0..5 {
+        w.append(payload(i)).await.unwrap();
+    }
+    // The reader caches the first ensemble; then its only bookie goes and the writer moves on.
+    let r = c.client().await.open(w.id(), b"").await.unwrap();
+    let first = client.metadata(w.id()).await.unwrap().value.ensembles[&0][0].clone();
+    c.stop_bookie(&first).await;
+    for i in 5..10 {
+        w.append(payload(i)).await.unwrap();
+    }
+    assert_eq!(
+        r.read_lac().await.unwrap(),
+        8,
+        "the LAC is read from the new ensemble"
+    );
+    let got = r.read(5, 8).await.unwrap();
+    assert_eq!(got[0].payload, payload(5));
+    c.stop().await;
+}

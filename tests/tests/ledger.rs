@@ -522,6 +522,69 @@ async fn killed_bookie_is_replaced_mid_stream() {
     .await;
 }
 
+/// With Qa < Qw a silent bookie never holds the writer back (the other two acknowledge every
+/// entry), so only the per-add timeout notices it: it must still be replaced, or every entry sent
+/// to it would pile up in the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_bookie_is_replaced_though_the_ack_quorum_goes_on() {
+    bounded(
+        "a_silent_bookie_is_replaced_though_the_ack_quorum_goes_on",
+        Duration::from_secs(150),
+        async {
+            let seed = random_seed("a_silent_bookie_is_replaced_though_the_ack_quorum_goes_on");
+            let c = Cluster::start("silent", 4).await;
+            let client = c.client().await;
+            let w = within("create", client.create(opts(3, 3, 2)))
+                .await
+                .expect("create");
+            let id = w.id();
+            let ensemble0 = within("metadata", client.metadata(id))
+                .await
+                .expect("metadata")
+                .value
+                .ensembles[&0]
+                .clone();
+            let writer = WriteLoop::spawn(w.clone(), seed, 32, None);
+            writer.wait_acked(200, "before the stop").await;
+            let victim = ensemble0[(seed % 3) as usize].clone();
+            let pid = c.bookies[c.index_of(&victim)].pid().expect("running");
+            eprintln!("SIGSTOP bookie {victim}");
+            send_signal(pid, libc::SIGSTOP);
+            let at_stop = writer.acked();
+            writer
+                .wait_acked(at_stop + 300, "the ack quorum goes on")
+                .await;
+            // The add timeout is 2 s; HTTP/2 keep-alive would notice the stopped peer only after
+            // 15 s, so a replacement within 12 s comes from the per-add timeout.
+            wait_until(
+                Duration::from_secs(12),
+                "the silent bookie leaves the ensemble",
+                || async {
+                    let m = client.metadata(id).await.expect("metadata").value;
+                    !m.ensembles
+                        .values()
+                        .next_back()
+                        .expect("ensemble")
+                        .contains(&victim)
+                },
+            )
+            .await;
+            send_signal(pid, libc::SIGCONT);
+            let report = writer.finish("silent").await;
+            assert!(
+                report.problems.is_empty(),
+                "seed {seed}: {:?}",
+                report.problems
+            );
+            assert!(report.error.is_none(), "seed {seed}: {:?}", report.error);
+            let meta = within("close", w.close()).await.expect("close");
+            assert_eq!(meta.last_entry_id, report.last_acked, "seed {seed}");
+            verify_ledger(&c, id, meta.last_entry_id, seed, "after SIGCONT").await;
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_spare_writes_go_on_with_the_ack_quorum() {
     bounded(
