@@ -123,6 +123,18 @@ pub enum LedgerCommand {
         #[command(flatten)]
         password: Password,
     },
+    /// Check every replica of every entry (up to the last entry, or the LAC of an open ledger):
+    /// report bookies that miss an entry, hold a corrupt copy or cannot be reached. Exits
+    /// non-zero when any is found.
+    Check {
+        #[command(flatten)]
+        target: Target,
+        /// Ledger id.
+        id: u64,
+        /// Print one JSON object (key `healthy`, `issues_total`, `issues`).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -274,6 +286,7 @@ pub async fn run(cmd: LedgerCommand) -> anyhow::Result<()> {
             json,
             password,
         } => info(&target, id, json, &password.password).await,
+        LedgerCommand::Check { target, id, json } => check(&target, id, json).await,
     };
     // A closed pipe (`quire ledger read ... | head`) is the reader's choice, not a failure.
     match r {
@@ -473,6 +486,53 @@ async fn list(target: &Target, limit: Option<u64>) -> anyhow::Result<()> {
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+async fn check(target: &Target, id: u64, json: bool) -> anyhow::Result<()> {
+    use quire_ledger_client::check::ReplicaProblem;
+    let client = connect(target).await?;
+    let report = client.check(id).await?;
+    let describe = |p: &ReplicaProblem| match p {
+        ReplicaProblem::Missing => ("missing", String::new()),
+        ReplicaProblem::Corrupt(m) => ("corrupt", m.clone()),
+        ReplicaProblem::Unreachable(m) => ("unreachable", m.clone()),
+    };
+    if json {
+        let issues: Vec<serde_json::Value> = report
+            .issues
+            .iter()
+            .map(|i| {
+                let (kind, detail) = describe(&i.problem);
+                serde_json::json!({"entry": i.entry_id, "bookie": i.bookie, "problem": kind, "detail": detail})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "ledger": id,
+                "healthy": report.is_healthy(),
+                "last_entry": report.last_entry_id,
+                "replicas_checked": report.replicas_checked,
+                "issues_total": report.issues_total,
+                "issues": issues,
+            })
+        );
+    } else {
+        for i in &report.issues {
+            let (kind, detail) = describe(&i.problem);
+            println!("entry {} on {}: {kind} {detail}", i.entry_id, i.bookie);
+        }
+        println!(
+            "ledger {id}: {} replicas of entries 0..={} checked, {} problems",
+            report.replicas_checked, report.last_entry_id, report.issues_total
+        );
+    }
+    anyhow::ensure!(
+        report.is_healthy(),
+        "ledger {id} has {} replica problems",
+        report.issues_total
+    );
     Ok(())
 }
 

@@ -248,6 +248,20 @@ impl Client {
         Ok(self.shared.ledgers.list(start_after, limit).await?)
     }
 
+    /// Checks every replica of every entry (up to the last entry of a closed ledger, or the LAC
+    /// of an open one): which bookies miss an entry, hold a corrupt copy or cannot be reached.
+    pub async fn check(&self, id: u64) -> Result<crate::check::CheckReport> {
+        let v = self.shared.read_metadata(id).await?;
+        let last = if v.value.state == quire_metadata::ledgers::LedgerState::Closed {
+            v.value.last_entry_id
+        } else {
+            LedgerReader::new(self.shared.clone(), id, v.value.clone())
+                .read_lac()
+                .await?
+        };
+        crate::check::check(&self.shared, id, &v.value, last).await
+    }
+
     pub async fn metadata(&self, id: u64) -> Result<Versioned<LedgerMetadata>> {
         self.shared.read_metadata(id).await
     }

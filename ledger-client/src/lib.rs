@@ -5,12 +5,14 @@
 //! - [`core`]: the protocol logic as I/O-free state machines (writer, recovery, quorum rules),
 //!   driven by a seeded simulation test as well as by the real drivers below.
 //! - [`client`]: configuration, create/open/recover/delete/list.
+//! - [`check`]: the replica check (missing, corrupt, unreachable copies).
 //! - [`writer`]: the write handle and its driver task.
 //! - [`reader`]: reads, LAC, long polls, tailing.
 //! - [`recover`]: the recovery driver.
 //! - [`placement`]: ensemble placement (random, zone-aware).
 //! - [`pool`]: connections and add streams to bookies.
 
+pub mod check;
 pub mod client;
 pub mod core;
 pub mod error;

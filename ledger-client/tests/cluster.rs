@@ -357,3 +357,50 @@ async fn a_reader_follows_an_ensemble_change_it_did_not_see() {
     assert_eq!(got[0].payload, payload(5));
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_missing_and_unreachable_replicas() {
+    use quire_ledger_client::check::ReplicaProblem;
+    let mut c = Cluster::start(3).await;
+    let client = c.client().await;
+    let w = client.create(CreateOptions::default()).await.unwrap();
+    for i in 0..10 {
+        w.append(payload(i)).await.unwrap();
+    }
+    let meta = w.close().await.unwrap();
+    let report = client.check(w.id()).await.unwrap();
+    assert!(report.is_healthy(), "{report:?}");
+    assert_eq!(report.replicas_checked, 30);
+
+    // One bookie loses the ledger: every entry is missing there.
+    let ens = meta.ensembles[&0].clone();
+    let i: usize = ens[0].trim_start_matches("bookie-").parse().unwrap();
+    let addr = c.bookies[i].as_ref().unwrap().grpc_addr;
+    let mut b = quire_proto::bookie::bookie_client::BookieClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    b.delete_ledger(quire_proto::bookie::DeleteLedgerRequest { ledger_id: w.id() })
+        .await
+        .unwrap();
+    let report = client.check(w.id()).await.unwrap();
+    assert_eq!(report.issues_total, 10, "{report:?}");
+    assert!(
+        report
+            .issues
+            .iter()
+            .all(|x| x.bookie == ens[0] && x.problem == ReplicaProblem::Missing),
+        "{report:?}"
+    );
+
+    // Another is down: unreachable for every entry too.
+    c.stop_bookie(&ens[1]).await;
+    let report = client.check(w.id()).await.unwrap();
+    assert_eq!(report.issues_total, 20, "{report:?}");
+    assert!(
+        report
+            .issues
+            .iter()
+            .any(|x| x.bookie == ens[1] && matches!(x.problem, ReplicaProblem::Unreachable(_)))
+    );
+    c.stop().await;
+}

@@ -435,3 +435,45 @@ async fn tail_follows_a_writer() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_finds_the_replicas_of_a_dead_bookie() {
+    bounded("check_finds_the_replicas_of_a_dead_bookie", async {
+        let mut c = Cluster::start("lcli-check").await;
+        let id = parse_id(
+            "ledger write",
+            &c.ledger_stdin(&["write"], b"a\nb\nc\n").await,
+        );
+        let report = json(
+            "ledger check --json",
+            &c.ledger(&["check", &id.to_string(), "--json"]).await,
+        );
+        assert_eq!(report["healthy"], true, "{report}");
+        assert_eq!(report["replicas_checked"], 9, "3 entries x Qw 3: {report}");
+        assert_eq!(report["issues_total"], 0, "{report}");
+
+        c.bookies[1].kill9();
+        let dead = c.bookies[1].bookie_id().to_string();
+        let out = c.ledger(&["check", &id.to_string(), "--json"]).await;
+        assert!(!out.status.success(), "check must fail: {:?}", out.stdout);
+        let report: serde_json::Value =
+            serde_json::from_str(out.stdout.trim()).expect("JSON on stdout");
+        assert_eq!(report["healthy"], false, "{report}");
+        assert_eq!(report["issues_total"], 3, "one per entry: {report}");
+        for issue in report["issues"].as_array().expect("issues") {
+            assert_eq!(issue["bookie"], dead.as_str(), "{report}");
+            assert_eq!(issue["problem"], "unreachable", "{report}");
+        }
+        fails_with(
+            "ledger check",
+            &c.ledger(&["check", &id.to_string()]).await,
+            "replica problems",
+        );
+        fails_with(
+            "ledger check of an unknown ledger",
+            &c.ledger(&["check", "999999"]).await,
+            "does not exist",
+        );
+    })
+    .await;
+}
