@@ -603,3 +603,68 @@ impl tokio_stream::Stream for Batcher {
         Poll::Ready(Some(pb::AddRequest { entries }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiter(ledger_id: u64, entry_id: u64, sent: Instant, reply: &ReplyTx) -> Waiter {
+        Waiter {
+            entry: pb::AddEntry {
+                ledger_id,
+                entry_id,
+                body: Bytes::from_static(b"0123456789"),
+                ..Default::default()
+            },
+            reply: reply.clone(),
+            tries: 0,
+            sent,
+        }
+    }
+
+    #[test]
+    fn a_second_add_of_one_entry_waits_for_the_first_answer() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let now = Instant::now();
+        let mut m = WaiterMap::default();
+        assert!(m.insert(waiter(1, 5, now, &tx)).is_some(), "sent at once");
+        assert!(m.insert(waiter(1, 5, now, &tx)).is_none(), "held, not sent");
+        assert!(m.insert(waiter(1, 6, now, &tx)).is_some());
+        assert_eq!((m.len(), m.bytes), (3, 30));
+        let (first, next) = m.take((1, 5));
+        assert!(first.is_some());
+        assert_eq!(
+            next.map(|e| e.entry_id),
+            Some(5),
+            "the held add goes out now"
+        );
+        let (second, next) = m.take((1, 5));
+        assert!(second.is_some() && next.is_none());
+        assert_eq!(m.take((1, 5)).0.map(|w| w.entry.entry_id), None);
+        assert_eq!((m.len(), m.bytes), (1, 10));
+    }
+
+    #[test]
+    fn adds_sent_before_the_deadline_expire_and_release_held_ones() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let now = Instant::now();
+        let old = now - Duration::from_secs(10);
+        let mut m = WaiterMap::default();
+        m.insert(waiter(1, 1, old, &tx));
+        m.insert(waiter(1, 1, now, &tx)); // held behind the old one
+        m.insert(waiter(1, 2, now, &tx));
+        let (expired, resend) = m.expire(now - Duration::from_secs(5));
+        let ids: Vec<u64> = expired.iter().map(|w| w.entry.entry_id).collect();
+        assert_eq!(ids, vec![1], "only the old add expires");
+        assert_eq!(
+            resend.iter().map(|e| e.entry_id).collect::<Vec<_>>(),
+            vec![1]
+        );
+        assert_eq!(m.len(), 2, "the promoted add and entry 2 remain");
+        let (expired, resend) = m.expire(now - Duration::from_secs(5));
+        assert!(
+            expired.is_empty() && resend.is_empty(),
+            "the promoted add is fresh"
+        );
+    }
+}

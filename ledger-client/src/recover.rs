@@ -161,12 +161,10 @@ async fn run(shared: &Shared, id: u64, key: &Bytes, meta: &LedgerMetadata) -> Re
                 Ok(a) => a,
                 Err(e) => return Err(LedgerError::RecoveryIncomplete(id, format!("task failed: {e}"))),
             },
+            // Every recovery write gets exactly one reply: the pool fails it after the add
+            // timeout at the latest.
             Some(r) = replies.recv() => {
                 Answer::Write(r.bookie.to_string(), r.entry_id, r.result.map_err(|e| e.to_string()))
-            }
-            // Recovery writes have no answer within the add timeout: count them as failed.
-            _ = tokio::time::sleep(shared.cfg.add_timeout), if calls.is_empty() => {
-                return Err(LedgerError::RecoveryIncomplete(id, "recovery writes unanswered".into()));
             }
         };
         queue = match answer {

@@ -137,7 +137,6 @@ impl LedgerWriter {
             outbox: Vec::new(),
             events_tx,
             replies_tx,
-            front: None,
             last_append: Instant::now(),
             last_down_retry: Instant::now(),
             close_started: false,
@@ -240,9 +239,6 @@ struct Driver {
     outbox: Vec<(String, Vec<pb::AddEntry>)>,
     events_tx: mpsc::UnboundedSender<Event>,
     replies_tx: mpsc::UnboundedSender<AddReply>,
-    /// The oldest pending entry, the metadata version and when it became the oldest (for add
-    /// timeouts).
-    front: Option<(u64, u64, Instant)>,
     last_append: Instant,
     last_down_retry: Instant,
     close_started: bool,
@@ -465,37 +461,9 @@ impl Driver {
     }
 
     fn tick(&mut self) {
-        let (add_timeout, lac_interval) = (
-            self.shared.cfg.add_timeout,
-            self.shared.cfg.explicit_lac_interval,
-        );
-        // Add timeouts: bookies silent on the oldest entry for too long are treated as failed.
-        match self.core.front_silent() {
-            None => self.front = None,
-            Some((entry_id, silent)) => {
-                let version = self.core.version();
-                let since = match self.front {
-                    Some((e, v, t)) if e == entry_id && v == version => t,
-                    _ => {
-                        self.front = Some((entry_id, version, Instant::now()));
-                        Instant::now()
-                    }
-                };
-                if since.elapsed() >= add_timeout && !silent.is_empty() {
-                    for b in silent {
-                        tracing::warn!(ledger_id = self.core.ledger_id(), bookie = %b, entry_id,
-                            "add timed out");
-                        let out = self.core.on_add_result(
-                            &b,
-                            entry_id,
-                            AddOutcome::Failed("timed out".into()),
-                        );
-                        self.exec(out);
-                    }
-                    self.front = None;
-                }
-            }
-        }
+        let lac_interval = self.shared.cfg.explicit_lac_interval;
+        // Add timeouts need nothing here: the pool fails every add unanswered for the add
+        // timeout, and that failure replaces the bookie like any other.
         if self.core.has_down() && self.last_down_retry.elapsed() >= DOWN_RETRY {
             self.last_down_retry = Instant::now();
             let out = self.core.retry_down();

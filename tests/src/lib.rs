@@ -973,16 +973,35 @@ pub struct CliOutput {
 pub async fn run_quire(args: &[&str], timeout: Duration) -> CliOutput {
     let mut cmd = quire_command(Stdio::piped(), Stdio::piped());
     cmd.args(args).env("QUIRE_LOG", "warn");
-    let child = cmd
+    run_command(cmd, b"", &format!("quire {args:?}"), timeout).await
+}
+
+/// Runs `cmd` (stdout and stderr piped) to completion with `input` on its stdin; panics if it
+/// takes longer than `timeout` (after killing it) or cannot be spawned.
+pub async fn run_command(
+    mut cmd: std::process::Command,
+    input: &[u8],
+    what: &str,
+    timeout: Duration,
+) -> CliOutput {
+    let mut child = cmd
+        .stdin(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", quire_bin().display()));
+        .unwrap_or_else(|e| panic!("cannot spawn {what}: {e}"));
     let pid = child.id();
-    let waiter = tokio::task::spawn_blocking(move || child.wait_with_output());
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let input = input.to_vec();
+    let waiter = tokio::task::spawn_blocking(move || {
+        // A command that does not read stdin may exit first: a broken pipe is fine then.
+        let _ = std::io::Write::write_all(&mut stdin, &input);
+        drop(stdin);
+        child.wait_with_output()
+    });
     match tokio::time::timeout(timeout, waiter).await {
         Ok(out) => {
             let out = out
                 .expect("waiter task")
-                .unwrap_or_else(|e| panic!("quire {args:?}: {e}"));
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
             CliOutput {
                 status: out.status,
                 stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -992,7 +1011,7 @@ pub async fn run_quire(args: &[&str], timeout: Duration) -> CliOutput {
         Err(_) => {
             // The child is not reaped yet (its waiter still waits), so the pid is still ours.
             send_signal(pid, libc::SIGKILL);
-            panic!("quire {args:?} did not finish within {timeout:?}");
+            panic!("{what} did not finish within {timeout:?}");
         }
     }
 }

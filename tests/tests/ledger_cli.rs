@@ -67,35 +67,8 @@ async fn cli(args: &[&str], input: &[u8]) -> CliOutput {
     cmd.args(args)
         .env("QUIRE_LOG", "warn")
         .env_remove("QUIRE_METADATA")
-        .env_remove("QUIRE_LEDGER_PASSWORD")
-        .stdin(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", quire_bin().display()));
-    let pid = child.id();
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    let input = input.to_vec();
-    let waiter = tokio::task::spawn_blocking(move || {
-        // A command that does not read stdin may exit first: a broken pipe is fine then.
-        let _ = stdin.write_all(&input);
-        drop(stdin);
-        child.wait_with_output()
-    });
-    match tokio::time::timeout(CLI, waiter).await {
-        Ok(out) => {
-            let out = out.expect("waiter task").expect("wait for quire");
-            CliOutput {
-                status: out.status,
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            }
-        }
-        Err(_) => {
-            // Not reaped yet (its waiter still waits), so the pid is still this child's.
-            send_signal(pid, libc::SIGKILL);
-            panic!("quire {args:?} did not finish within {CLI:?}");
-        }
-    }
+        .env_remove("QUIRE_LEDGER_PASSWORD");
+    run_command(cmd, input, &format!("quire {args:?}"), CLI).await
 }
 
 fn ok(what: &str, out: &CliOutput) {

@@ -265,7 +265,9 @@ impl WriteCore {
         }
     }
 
-    /// Bookies that have not answered the oldest pending entry (the driver times them out).
+    /// Bookies that have not answered the oldest pending entry. The real driver needs no such
+    /// view (its pool fails each add unanswered for the add timeout); the simulation times these
+    /// out to model a slow bookie.
     pub fn front_silent(&self) -> Option<(u64, Vec<String>)> {
         let ens = self.last_ensemble().1;
         self.pending.front().map(|p| {
