@@ -45,6 +45,11 @@ pub struct BookieConfig {
     pub journal: JournalConfig,
     pub storage: StorageConfig,
     pub disk: DiskConfig,
+    /// The `[autorecovery]` section: the auditor candidate and replication worker the `quire
+    /// bookie` binary runs next to a bookie with a metadata store (`enabled = false` turns them
+    /// off). Its keys are `quire_autorecovery::AutoRecoveryConfig`'s, which the binary reads
+    /// them into: the storage library does not interpret them.
+    pub autorecovery: toml::Table,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,6 +129,7 @@ impl Default for BookieConfig {
             journal: JournalConfig::default(),
             storage: StorageConfig::default(),
             disk: DiskConfig::default(),
+            autorecovery: toml::Table::new(),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::Args;
+use quire_autorecovery::{AutoRecovery, AutoRecoveryConfig};
 use quire_bookie::BookieConfig;
 use quire_bookie::config::JournalIoKind;
 use std::net::SocketAddr;
@@ -50,10 +51,40 @@ pub struct BookieArgs {
     /// Do not fdatasync the journal. FOR BENCHMARKS ONLY: a crash loses acknowledged entries.
     #[arg(long)]
     no_journal_sync: bool,
+    /// Do not run autorecovery (auditor candidate and replication worker) in this process.
+    #[arg(long)]
+    no_autorecovery: bool,
+    #[command(flatten)]
+    autorecovery: crate::autorecovery::Settings,
 }
 
 #[derive(clap::Subcommand)]
 enum BookieCommand {
+    /// Move every replica off a live bookie (placement gives it nothing new meanwhile); then it
+    /// can be stopped and removed. Refused for an unknown bookie, or when no other bookie could
+    /// take some of its replicas.
+    Decommission {
+        /// The bookie id.
+        id: String,
+        #[arg(long, env = "QUIRE_METADATA")]
+        metadata: String,
+        /// Give up after this long (the autorecovery workers go on with what is left).
+        #[arg(long, default_value = "30m", value_parser = crate::bench::parse_duration)]
+        timeout: std::time::Duration,
+        /// An open ledger whose last fragment is on the bookie is recovered (fenced and closed)
+        /// after this long, unless its writer moved off the bookie first.
+        #[arg(long, default_value = "30s", value_parser = crate::bench::parse_duration)]
+        open_ledger_grace: std::time::Duration,
+        /// Copy bandwidth in bytes per second (0: unlimited).
+        #[arg(long, default_value_t = 64 << 20)]
+        throttle_bytes_per_sec: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Instead: end a decommission, so the bookie may receive replicas again.
+        #[arg(long)]
+        cancel: bool,
+    },
     /// Print the records of a journal directory (offline; do not run on a live bookie's journal
     /// while you need exact output, as it may be mid-write).
     DumpJournal {
@@ -143,6 +174,96 @@ impl BookieArgs {
         cfg.validate()?;
         Ok(cfg)
     }
+
+    /// The autorecovery to run beside the bookie: the config file's `[autorecovery]` section,
+    /// then the flags; none without a metadata store or when turned off.
+    fn autorecovery(&self, cfg: &BookieConfig) -> anyhow::Result<Option<AutoRecoveryConfig>> {
+        let mut table = cfg.autorecovery.clone();
+        let enabled = match table.remove("enabled") {
+            None => true,
+            Some(toml::Value::Boolean(b)) => b,
+            Some(v) => anyhow::bail!("[autorecovery] enabled must be true or false, not {v}"),
+        };
+        let mut ar: AutoRecoveryConfig = toml::Value::Table(table)
+            .try_into()
+            .context("invalid [autorecovery] section")?;
+        if !cfg.autorecovery.contains_key("id") {
+            // Named after the bookie once it is known.
+            ar.id = String::new();
+        }
+        self.autorecovery.apply(&mut ar);
+        if !enabled || self.no_autorecovery || cfg.metadata.is_none() || !(ar.auditor || ar.worker)
+        {
+            return Ok(None);
+        }
+        Ok(Some(ar))
+    }
+}
+
+/// Starts autorecovery beside a running bookie, named after it unless configured otherwise.
+async fn start_autorecovery(
+    mut ar: AutoRecoveryConfig,
+    uri: &str,
+    bookie_id: &str,
+) -> anyhow::Result<AutoRecovery> {
+    if ar.id.is_empty() {
+        ar.id = bookie_id.to_string();
+    }
+    let store = quire_metadata::connect(uri)
+        .await
+        .with_context(|| format!("connecting autorecovery to {uri}"))?;
+    Ok(AutoRecovery::start(store, ar).await?)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn decommission(
+    id: &str,
+    uri: &str,
+    timeout: std::time::Duration,
+    open_ledger_grace: std::time::Duration,
+    throttle_bytes_per_sec: u64,
+    json: bool,
+    cancel: bool,
+) -> anyhow::Result<()> {
+    use quire_autorecovery::decommission as d;
+    let store = quire_metadata::connect(uri)
+        .await
+        .with_context(|| format!("connecting to the metadata store {uri}"))?;
+    if cancel {
+        d::cancel(store, id).await?;
+        println!("bookie {id} is no longer being decommissioned");
+        return Ok(());
+    }
+    let client = quire_ledger_client::Client::with_store(
+        store.clone(),
+        quire_ledger_client::ClientConfig::new(uri),
+    )
+    .await?;
+    let opts = d::DecommissionOptions {
+        timeout,
+        open_ledger_grace,
+        throttle_bytes_per_sec,
+    };
+    let report = d::decommission(store, client, id, opts, |left| {
+        eprintln!("{left} ledgers still have replicas on {id}");
+    })
+    .await
+    .with_context(|| format!("decommissioning {id}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "bookie {id} holds no replicas: moved {} of {} ledgers ({} fragments, {} entries, \
+             {} bytes) in {:.1} s. It gets no new ledgers; stop it and remove it.",
+            report.ledgers_moved,
+            report.ledgers,
+            report.fragments_moved,
+            report.entries_copied,
+            report.bytes_copied,
+            report.elapsed_ms as f64 / 1000.0
+        );
+    }
+    Ok(())
 }
 
 fn write_addr_file(path: &Path, grpc: SocketAddr, http: SocketAddr) -> anyhow::Result<()> {
@@ -171,13 +292,40 @@ pub(crate) async fn shutdown_signal() -> anyhow::Result<()> {
 }
 
 pub async fn run(args: BookieArgs) -> anyhow::Result<()> {
-    if let Some(BookieCommand::DumpJournal { dir }) = &args.command {
-        return dump_journal(dir);
+    match &args.command {
+        Some(BookieCommand::DumpJournal { dir }) => return dump_journal(dir),
+        Some(BookieCommand::Decommission {
+            id,
+            metadata,
+            timeout,
+            open_ledger_grace,
+            throttle_bytes_per_sec,
+            json,
+            cancel,
+        }) => {
+            return decommission(
+                id,
+                metadata,
+                *timeout,
+                *open_ledger_grace,
+                *throttle_bytes_per_sec,
+                *json,
+                *cancel,
+            )
+            .await;
+        }
+        None => {}
     }
     let cfg = args.config().context("invalid bookie configuration")?;
+    let autorecovery = args.autorecovery(&cfg)?;
+    let uri = cfg.metadata.clone();
     let running = quire_bookie::start(cfg)
         .await
         .context("starting the bookie")?;
+    let autorecovery = match (autorecovery, uri) {
+        (Some(ar), Some(uri)) => Some(start_autorecovery(ar, &uri, running.bookie.id()).await?),
+        _ => None,
+    };
     if let Some(p) = &args.addr_file {
         write_addr_file(p, running.grpc_addr, running.http_addr)?;
     }
@@ -188,6 +336,9 @@ pub async fn run(args: BookieArgs) -> anyhow::Result<()> {
         running.http_addr
     );
     shutdown_signal().await?;
+    if let Some(ar) = autorecovery {
+        ar.stop().await;
+    }
     running.stop().await;
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! ...) and for the client tools (`quire bench ...`). Each subcommand only parses flags and wires a
 //! library crate; the work lives in the libraries.
 
+mod autorecovery;
 mod bench;
 mod bench_ledger;
 mod bench_metadata;
@@ -31,6 +32,8 @@ enum Command {
     Standalone(standalone::StandaloneArgs),
     /// Serve the gRPC ledger API (a gateway over the ledger client).
     LedgerApi(ledger_api::LedgerApiArgs),
+    /// Run the autorecovery daemon (auditor and replication worker), or show its status.
+    Autorecovery(autorecovery::AutoRecoveryArgs),
     /// Ledger tools: create, write stdin, read, tail, close, delete, list, info.
     #[command(subcommand)]
     Ledger(ledger::LedgerCommand),
@@ -64,6 +67,7 @@ fn main() -> anyhow::Result<()> {
             Command::Metadata(args) => metadata::run(args).await,
             Command::Standalone(args) => standalone::run(args).await,
             Command::LedgerApi(args) => ledger_api::run(args).await,
+            Command::Autorecovery(args) => autorecovery::run(args).await,
             Command::Ledger(cmd) => ledger::run(cmd).await,
             Command::Bench(cmd) => bench::run(cmd).await,
         }

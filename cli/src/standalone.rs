@@ -134,10 +134,14 @@ struct Servers {
     metadata: Option<quire_metadata::server::MetadataServerHandle>,
     bookies: Vec<quire_bookie::Running>,
     api: Option<quire_ledger_api::Running>,
+    autorecovery: Option<quire_autorecovery::AutoRecovery>,
 }
 
 impl Servers {
     async fn stop(self) {
+        if let Some(ar) = self.autorecovery {
+            ar.stop().await;
+        }
         if let Some(api) = self.api {
             api.stop().await;
             tracing::info!("ledger API stopped");
@@ -184,7 +188,7 @@ async fn start(
         bookies.push((running.bookie.id().to_string(), running.grpc_addr));
         servers.bookies.push(running);
     }
-    wait_registered(store, &bookies).await?;
+    wait_registered(store.clone(), &bookies).await?;
 
     let client_cfg = ClientConfig::new(uri.clone());
     let gateway_cfg = crate::ledger_api::gateway_config(&client_cfg, args.max_writers);
@@ -197,6 +201,13 @@ async fn start(
     let api = quire_ledger_api::start(client, listener, gateway_cfg)?;
     let api_addr = api.addr;
     servers.api = Some(api);
+    // One auditor and worker for the bookies of this process (with as many bookies as the
+    // ensemble, it can only put back replicas a bookie lost, not move them).
+    let ar = quire_autorecovery::AutoRecoveryConfig {
+        id: "standalone".into(),
+        ..Default::default()
+    };
+    servers.autorecovery = Some(quire_autorecovery::AutoRecovery::start(store.clone(), ar).await?);
 
     let mut summary = format!("quire standalone serving (data in {})\n", dir.display());
     summary += &format!("  metadata    {meta_addr}  ({uri})\n");

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use quire_metadata::DynStore;
 use quire_metadata::bookies::BookieRegistry;
 use quire_metadata::ledgers::{DigestType, LedgerMetadata, LedgerStore, Versioned};
+use quire_metadata::replication::ReplicationStore;
 use sha2::{Digest, Sha256};
 
 use crate::error::{LedgerError, Result};
@@ -87,17 +88,20 @@ pub(crate) struct Shared {
     pub cfg: ClientConfig,
     pub ledgers: LedgerStore,
     pub registry: BookieRegistry,
+    pub replication: ReplicationStore,
     pub pool: Arc<BookiePool>,
 }
 
 impl Shared {
-    /// Read-write bookies that may join an ensemble.
+    /// Read-write bookies that may join an ensemble: not those being decommissioned.
     pub async fn candidates(&self) -> Result<Vec<Candidate>> {
+        let leaving = self.replication.decommissioning().await?;
         Ok(self
             .registry
             .writable()
             .await?
             .into_iter()
+            .filter(|b| !leaving.contains(&b.id))
             .map(|b| Candidate {
                 id: b.id,
                 zone: b.info.zone,
@@ -157,12 +161,17 @@ impl Client {
         let pool = BookiePool::new(registry.clone(), cfg.read_timeout, cfg.add_timeout);
         Ok(Client {
             shared: Arc::new(Shared {
+                replication: ReplicationStore::new(store.clone()),
                 ledgers: LedgerStore::new(store),
                 registry,
                 pool,
                 cfg,
             }),
         })
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -186,6 +195,7 @@ impl Client {
             qa,
             opts.digest,
             password_hash(&opts.password),
+            master_key(&opts.password).to_vec(),
             opts.custom,
         )
         .map_err(|e| LedgerError::InvalidArgument(e.to_string()))?;

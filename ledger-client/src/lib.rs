@@ -5,6 +5,7 @@
 //! - [`core`]: the protocol logic as I/O-free state machines (writer, recovery, quorum rules),
 //!   driven by a seeded simulation test as well as by the real drivers below.
 //! - [`client`]: configuration, create/open/recover/delete/list.
+//! - [`admin`]: fragments, fragment copies and bookie replacement (autorecovery's steps).
 //! - [`check`]: the replica check (missing, corrupt, unreachable copies).
 //! - [`writer`]: the write handle and its driver task.
 //! - [`reader`]: reads, LAC, long polls, tailing.
@@ -12,6 +13,7 @@
 //! - [`placement`]: ensemble placement (random, zone-aware).
 //! - [`pool`]: connections and add streams to bookies.
 
+pub mod admin;
 pub mod check;
 pub mod client;
 pub mod core;

@@ -613,6 +613,7 @@ impl Sim {
             p.qa as u32,
             DigestType::Crc32c,
             vec![],
+            vec![],
             BTreeMap::new(),
         )
         .expect("E >= Qw >= Qa >= 1 by construction");
@@ -1857,6 +1858,7 @@ fn a_fencing_read_stops_a_late_add_after_a_lost_fence() {
         3,
         2,
         DigestType::Crc32c,
+        vec![],
         vec![],
         BTreeMap::new(),
     )

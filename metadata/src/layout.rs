@@ -8,6 +8,9 @@
 //! /quire/cookies/<bookie id>             the bookie's cookie (identity <-> directories)
 //! /quire/underreplicated/<ledger id>     a ledger with missing replicas
 //! /quire/underreplicated-locks/<id>      ephemeral: a replication worker owns that ledger
+//! /quire/autorecovery/auditor            ephemeral: the active auditor (its election key)
+//! /quire/autorecovery/workers/<id>       ephemeral: a replication worker and its counters
+//! /quire/autorecovery/decommissioning/<bookie id>  a bookie being emptied (no new replicas)
 //! ```
 //! Counter `ledgers` hands out ledger ids.
 //!
@@ -28,6 +31,9 @@ pub const BOOKIES_READONLY: &str = "/quire/bookies/readonly/";
 pub const COOKIES: &str = "/quire/cookies/";
 pub const UNDER_REPLICATED: &str = "/quire/underreplicated/";
 pub const UNDER_REPLICATED_LOCKS: &str = "/quire/underreplicated-locks/";
+pub const AUDITOR: &str = "/quire/autorecovery/auditor";
+pub const WORKERS: &str = "/quire/autorecovery/workers/";
+pub const DECOMMISSIONING: &str = "/quire/autorecovery/decommissioning/";
 pub const LEDGER_ID_COUNTER: &str = "ledgers";
 
 pub fn ledger_key(id: u64) -> String {

@@ -38,6 +38,11 @@ pub struct LedgerMetadata {
     /// A hash of the ledger password (the client derives the bookies' master key from it).
     #[serde(with = "layout::hex_bytes")]
     pub password_hash: Vec<u8>,
+    /// The master key bookies tie the ledger's entries to. Kept so that autorecovery can fence,
+    /// recover and re-replicate a ledger without its password (BookKeeper keeps the password
+    /// itself in the metadata for the same reason). Empty in metadata written before it was kept.
+    #[serde(default, with = "layout::hex_bytes")]
+    pub master_key: Vec<u8>,
     pub state: LedgerState,
     /// Last entry id when closed (-1: empty); -1 while open.
     pub last_entry_id: i64,
@@ -57,6 +62,7 @@ impl LedgerMetadata {
         ack_quorum: u32,
         digest: DigestType,
         password_hash: Vec<u8>,
+        master_key: Vec<u8>,
         custom: BTreeMap<String, String>,
     ) -> Result<Self> {
         let m = LedgerMetadata {
@@ -65,6 +71,7 @@ impl LedgerMetadata {
             ack_quorum,
             digest,
             password_hash,
+            master_key,
             state: LedgerState::Open,
             last_entry_id: -1,
             length: 0,
@@ -274,6 +281,7 @@ mod tests {
             2,
             DigestType::Crc32c,
             vec![1, 2, 3],
+            vec![],
             BTreeMap::new(),
         )
         .unwrap()
@@ -289,6 +297,7 @@ mod tests {
                 2,
                 DigestType::Crc32c,
                 vec![],
+                vec![],
                 BTreeMap::new()
             )
             .is_err()
@@ -300,6 +309,7 @@ mod tests {
                 3,
                 DigestType::Crc32c,
                 vec![],
+                vec![],
                 BTreeMap::new()
             )
             .is_err()
@@ -310,6 +320,7 @@ mod tests {
                 2,
                 2,
                 DigestType::Crc32c,
+                vec![],
                 vec![],
                 BTreeMap::new()
             )

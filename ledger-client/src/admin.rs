@@ -1,0 +1,373 @@
+//! Replica administration, the ledger-level steps of autorecovery (BookKeeper's
+//! `LedgerFragmentReplicator`): the fragments of a ledger, copying one position of a fragment to
+//! a bookie, swapping that bookie into the ensemble by CAS, and recovery without the password.
+//!
+//! Invariants the copy relies on:
+//! - Only the last fragment of a ledger that is not closed can still grow or be replaced (a
+//!   writer's ensemble change starts at LAC + 1, inside the last fragment); every other fragment's
+//!   range and ensemble are fixed, so a copy of it stays valid until the CAS.
+//! - Every entry of a fixed fragment was acknowledged by Qa bookies of its write set (or written
+//!   back by recovery to Qa), so some replica other than the lost one holds it.
+//! - The copy is complete and durable on the target (recovery adds, acknowledged after the
+//!   target's journal sync) before the CAS names the target: a reader never meets a replica that
+//!   metadata promises but the bookie lacks.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use quire_metadata::ledgers::{LedgerMetadata, LedgerState, Versioned};
+use quire_proto::entry;
+use quire_proto::bookie as pb;
+use tokio::sync::mpsc;
+
+use crate::client::{Client, Shared};
+use crate::error::{LedgerError, Result};
+use crate::placement::Candidate;
+use crate::reader::LedgerReader;
+use crate::writer::{CasError, cas};
+
+/// Entries copied at once by one fragment copy.
+const COPY_PARALLELISM: usize = 64;
+
+/// A fragment: the entries `first..=last` stored on `ensemble`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fragment {
+    pub first: u64,
+    /// Last entry, inclusive; below `first` when the fragment is empty. For the open tail, the
+    /// LAC known when the fragments were listed (it may grow).
+    pub last: i64,
+    pub ensemble: Vec<String>,
+    /// The last fragment of a ledger that is not closed: its writer may still add to it or
+    /// replace its bookies, so autorecovery leaves it to the writer (or recovers the ledger).
+    pub open_tail: bool,
+}
+
+impl Fragment {
+    pub fn is_empty(&self) -> bool {
+        self.last < self.first as i64
+    }
+}
+
+/// The fragments of a ledger, in order. `lac` bounds the open tail of a ledger not closed.
+pub fn fragments(meta: &LedgerMetadata, lac: i64) -> Vec<Fragment> {
+    let closed = meta.state == LedgerState::Closed;
+    let starts: Vec<u64> = meta.ensembles.keys().copied().collect();
+    meta.ensembles
+        .iter()
+        .enumerate()
+        .map(|(i, (first, ens))| {
+            let tail = i + 1 == starts.len();
+            let last = match starts.get(i + 1) {
+                Some(next) => *next as i64 - 1,
+                None if closed => meta.last_entry_id,
+                None => lac,
+            };
+            Fragment {
+                first: *first,
+                last,
+                ensemble: ens.clone(),
+                open_tail: tail && !closed,
+            }
+        })
+        .collect()
+}
+
+/// Limits copy bandwidth: a token bucket refilled at `bytes_per_sec`, holding at most one
+/// second's worth.
+pub struct Throttle {
+    bytes_per_sec: f64,
+    state: tokio::sync::Mutex<(f64, Instant)>,
+}
+
+impl Throttle {
+    /// `None` for 0 (unlimited).
+    pub fn new(bytes_per_sec: u64) -> Option<Throttle> {
+        (bytes_per_sec > 0).then(|| Throttle {
+            bytes_per_sec: bytes_per_sec as f64,
+            state: tokio::sync::Mutex::new((bytes_per_sec as f64, Instant::now())),
+        })
+    }
+
+    /// Waits until `bytes` may be sent.
+    pub async fn acquire(&self, bytes: usize) {
+        let mut g = self.state.lock().await;
+        let now = Instant::now();
+        let (tokens, at) = *g;
+        let tokens = (tokens + now.duration_since(at).as_secs_f64() * self.bytes_per_sec)
+            .min(self.bytes_per_sec)
+            - bytes as f64;
+        *g = (tokens, now);
+        if tokens < 0.0 {
+            // Holding the lock while paying the debt keeps the others queued behind.
+            tokio::time::sleep(Duration::from_secs_f64(-tokens / self.bytes_per_sec)).await;
+        }
+    }
+}
+
+/// What a copy moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CopyStats {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+impl Client {
+    /// Read-write bookies that may receive new replicas (decommissioning ones excluded).
+    pub async fn candidates(&self) -> Result<Vec<Candidate>> {
+        self.shared().candidates().await
+    }
+
+    /// The ledger's LAC as its bookies know it (the last entry of a closed ledger).
+    pub async fn lac(&self, id: u64, meta: &LedgerMetadata) -> Result<i64> {
+        if meta.state == LedgerState::Closed {
+            return Ok(meta.last_entry_id);
+        }
+        LedgerReader::new(self.shared().clone(), id, meta.clone())
+            .read_lac()
+            .await
+    }
+
+    /// Copies position `pos` of `frag` to `target`: every entry of the fragment whose write set
+    /// holds `pos` is read from its other replicas (the bookie at `pos` last, in case it is still
+    /// up), digest checked, and added to `target` as a recovery add under the ledger's master
+    /// key. With `only_missing`, entries `target` already holds intact are skipped (repair in
+    /// place). The first and last entries copied are read back from `target` to verify.
+    pub async fn copy_fragment(
+        &self,
+        id: u64,
+        meta: &LedgerMetadata,
+        frag: &Fragment,
+        pos: usize,
+        target: &str,
+        only_missing: bool,
+        throttle: Option<&Throttle>,
+    ) -> Result<CopyStats> {
+        let key = stored_master_key(id, meta)?;
+        let shared = self.shared();
+        let e = frag.ensemble.len();
+        let qw = meta.write_quorum as usize;
+        let entries: Vec<u64> = if frag.is_empty() {
+            Vec::new()
+        } else {
+            (frag.first..=frag.last as u64)
+                .filter(|en| crate::core::quorum::write_set(*en, e, qw).contains(&pos))
+                .collect()
+        };
+        let copy_one = |entry_id: u64| {
+            let key = key.clone();
+            async move {
+                if only_missing && read_verified(shared, target, id, entry_id).await.is_ok() {
+                    return Ok::<_, LedgerError>(None);
+                }
+                let mut sources: Vec<&str> = crate::core::quorum::write_set(entry_id, e, qw)
+                    .into_iter()
+                    .filter(|p| *p != pos)
+                    .map(|p| frag.ensemble[p].as_str())
+                    .collect();
+                if frag.ensemble[pos] != target {
+                    sources.push(frag.ensemble[pos].as_str());
+                }
+                let mut errors = Vec::new();
+                let mut body = None;
+                for b in sources {
+                    match read_verified(shared, b, id, entry_id).await {
+                        Ok(x) => {
+                            body = Some(x);
+                            break;
+                        }
+                        Err(err) => errors.push(format!("{b}: {err}")),
+                    }
+                }
+                let body = body.ok_or_else(|| {
+                    LedgerError::Unreadable(id, entry_id, errors.join("; "))
+                })?;
+                if let Some(t) = throttle {
+                    t.acquire(body.len()).await;
+                }
+                let len = body.len() as u64;
+                add_recovery(shared, target, id, entry_id, key, body).await?;
+                Ok(Some(len))
+            }
+        };
+        let mut stats = CopyStats::default();
+        let mut copied = Vec::new();
+        let mut results = futures::stream::iter(entries.iter().copied())
+            .map(|en| async move { (en, copy_one(en).await) })
+            .buffered(COPY_PARALLELISM);
+        while let Some((en, r)) = results.next().await {
+            if let Some(bytes) = r? {
+                stats.entries += 1;
+                stats.bytes += bytes;
+                copied.push(en);
+            }
+        }
+        for en in [copied.first(), copied.last()].into_iter().flatten() {
+            read_verified(shared, target, id, *en).await.map_err(|err| {
+                LedgerError::Unreadable(id, *en, format!("{target} after the copy: {err}"))
+            })?;
+        }
+        Ok(stats)
+    }
+
+    /// Swaps `old` for `new` in the ensemble that starts at `first`, by CAS, re-applied over
+    /// changes elsewhere in the metadata (a writer's ensemble change, a close). Refused when
+    /// that ensemble no longer holds `old`, or is the tail of a ledger that is not closed.
+    pub async fn replace_bookie(
+        &self,
+        id: u64,
+        first: u64,
+        old: &str,
+        new: &str,
+    ) -> Result<Versioned<LedgerMetadata>> {
+        let shared = self.shared();
+        let mut cur = shared.read_metadata(id).await?;
+        loop {
+            let m = &cur.value;
+            let conflict = |why: &str| {
+                Err(LedgerError::WriterStopped(format!(
+                    "ledger {id}: fragment at entry {first} {why}; not replacing {old}"
+                )))
+            };
+            let Some(ens) = m.ensembles.get(&first) else {
+                return conflict("is gone");
+            };
+            let Some(pos) = ens.iter().position(|b| b == old) else {
+                return conflict("no longer holds the bookie");
+            };
+            if ens.iter().any(|b| b == new) {
+                return conflict(&format!("already holds {new}"));
+            }
+            if m.state != LedgerState::Closed && m.ensembles.keys().next_back() == Some(&first) {
+                return conflict("is the open tail");
+            }
+            let mut next = m.clone();
+            next.ensembles.get_mut(&first).expect("checked above")[pos] = new.to_string();
+            match cas(shared, id, &next, cur.version).await {
+                Ok(v) => return Ok(v),
+                Err(CasError::Conflict(now)) => cur = now,
+                Err(CasError::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Recovers (fences and closes) a ledger with the master key kept in its metadata, for
+    /// autorecovery, which does not know ledger passwords.
+    pub async fn recover_with_stored_key(&self, id: u64) -> Result<Versioned<LedgerMetadata>> {
+        let v = self.shared().read_metadata(id).await?;
+        let key = stored_master_key(id, &v.value)?;
+        crate::recover::recover(self.shared(), id, key).await
+    }
+}
+
+fn stored_master_key(id: u64, meta: &LedgerMetadata) -> Result<Bytes> {
+    if meta.master_key.is_empty() {
+        return Err(LedgerError::InvalidArgument(format!(
+            "ledger {id} has no master key in its metadata (written by an older client); \
+             recover it with its password"
+        )));
+    }
+    Ok(Bytes::copy_from_slice(&meta.master_key))
+}
+
+/// One entry's stored body from `bookie`, checked against its digest and its ids.
+async fn read_verified(shared: &Shared, bookie: &str, id: u64, entry_id: u64) -> Result<Bytes> {
+    let resp = shared
+        .pool
+        .read(bookie, id, entry_id, None)
+        .await
+        .map_err(|e| LedgerError::Bookie {
+            bookie: bookie.to_string(),
+            code: e.code,
+            message: e.message,
+        })?;
+    match entry::decode(&resp.body) {
+        Ok((h, _)) if h.ledger_id == id && h.entry_id == entry_id => Ok(resp.body),
+        Ok((h, _)) => Err(LedgerError::Unreadable(
+            id,
+            entry_id,
+            format!("{bookie} returned entry {}/{}", h.ledger_id, h.entry_id),
+        )),
+        Err(e) => Err(LedgerError::Unreadable(id, entry_id, format!("{bookie}: {e}"))),
+    }
+}
+
+/// A recovery add of a stored body (header and digest as the writer made them) to `bookie`.
+async fn add_recovery(
+    shared: &Shared,
+    bookie: &str,
+    id: u64,
+    entry_id: u64,
+    master_key: Bytes,
+    body: Bytes,
+) -> Result<()> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let add = pb::AddEntry {
+        ledger_id: id,
+        entry_id,
+        master_key,
+        recovery: true,
+        body,
+    };
+    shared.pool.send_add(bookie, add, tx).await;
+    // The pool answers every add exactly once, failing it after the add timeout at the latest.
+    match rx.recv().await {
+        Some(r) => r.result.map_err(|e| LedgerError::Bookie {
+            bookie: bookie.to_string(),
+            code: e.code,
+            message: e.message,
+        }),
+        None => Err(LedgerError::WriterStopped("the bookie pool shut down".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quire_metadata::ledgers::DigestType;
+
+    fn meta() -> LedgerMetadata {
+        let ens = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut m = LedgerMetadata::new(
+            ens(&["a", "b", "c"]),
+            3,
+            2,
+            DigestType::Crc32c,
+            vec![],
+            vec![1; 20],
+            Default::default(),
+        )
+        .unwrap();
+        m.ensembles.insert(10, ens(&["a", "d", "c"]));
+        m
+    }
+
+    #[test]
+    fn fragments_of_open_and_closed_ledgers() {
+        let m = meta();
+        let f = fragments(&m, 14);
+        assert_eq!(f.len(), 2);
+        assert_eq!((f[0].first, f[0].last, f[0].open_tail), (0, 9, false));
+        assert_eq!((f[1].first, f[1].last, f[1].open_tail), (10, 14, true));
+        let mut c = m.clone();
+        c.close(9, 100).unwrap();
+        let f = fragments(&c, -1);
+        assert!(f[1].is_empty() && !f[1].open_tail);
+        assert!(!f[0].is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttle_paces_bytes() {
+        let t = Throttle::new(1000).unwrap();
+        let start = tokio::time::Instant::now();
+        for _ in 0..5 {
+            t.acquire(1000).await;
+        }
+        // One second of burst, then 1000 bytes per second.
+        let took = start.elapsed();
+        assert!(took >= Duration::from_secs(4), "{took:?}");
+        assert!(Throttle::new(0).is_none());
+    }
+}
