@@ -65,7 +65,11 @@ pub async fn scan_ledgers(
 
 /// Bookies `meta` names in any fragment.
 pub fn bookies_of(meta: &LedgerMetadata) -> BTreeSet<&str> {
-    meta.ensembles.values().flatten().map(String::as_str).collect()
+    meta.ensembles
+        .values()
+        .flatten()
+        .map(String::as_str)
+        .collect()
 }
 
 /// Runs the election and, while elected, the audit, until `stop`.
@@ -129,7 +133,12 @@ struct Auditor {
 }
 
 impl Auditor {
-    fn new(store: DynStore, client: Client, cfg: AutoRecoveryConfig, metrics: Arc<Metrics>) -> Self {
+    fn new(
+        store: DynStore,
+        client: Client,
+        cfg: AutoRecoveryConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Auditor {
             repl: ReplicationStore::new(store.clone()),
             registry: BookieRegistry::new(store.clone()),
@@ -213,7 +222,13 @@ impl Auditor {
     /// Follows the registry; marks the ledgers of bookies lost past the delay and of bookies
     /// being decommissioned.
     async fn tick(&mut self) -> Result<()> {
-        let live: BTreeSet<String> = self.registry.list().await?.into_iter().map(|b| b.id).collect();
+        let live: BTreeSet<String> = self
+            .registry
+            .list()
+            .await?
+            .into_iter()
+            .map(|b| b.id)
+            .collect();
         let now = now_ms();
         for b in self.known.difference(&live) {
             if !self.info.lost_bookies.contains_key(b) {
@@ -279,7 +294,13 @@ impl Auditor {
     /// Finds bookies that ledgers name but the registry does not hold (lost while no auditor
     /// watched) and starts their clock; re-marks the ledgers of lost bookies already past it.
     async fn bookie_check(&mut self) -> Result<()> {
-        let live: BTreeSet<String> = self.registry.list().await?.into_iter().map(|b| b.id).collect();
+        let live: BTreeSet<String> = self
+            .registry
+            .list()
+            .await?
+            .into_iter()
+            .map(|b| b.id)
+            .collect();
         let mut named = BTreeSet::new();
         scan_ledgers(&self.store, |_, m| {
             named.extend(bookies_of(&m).into_iter().map(String::from));
@@ -376,7 +397,12 @@ async fn replica_check_round(
         let lacking: BTreeSet<String> = report
             .issues
             .iter()
-            .filter(|i| matches!(i.problem, ReplicaProblem::Missing | ReplicaProblem::Corrupt(_)))
+            .filter(|i| {
+                matches!(
+                    i.problem,
+                    ReplicaProblem::Missing | ReplicaProblem::Corrupt(_)
+                )
+            })
             .map(|i| i.bookie.clone())
             .collect();
         if lacking.is_empty() {

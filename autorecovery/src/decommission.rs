@@ -88,7 +88,10 @@ pub async fn decommission(
         .iter()
         .any(|b| b.id == bookie);
     let naming = ledgers_naming(&store, bookie).await?;
-    let has_cookie = CookieStore::new(store.clone()).read(bookie).await?.is_some();
+    let has_cookie = CookieStore::new(store.clone())
+        .read(bookie)
+        .await?
+        .is_some();
     if !registered && naming.is_empty() && !has_cookie {
         return Err(Error::UnknownBookie(bookie.to_string()));
     }
@@ -175,5 +178,7 @@ fn add(r: &mut DecommissionReport, s: CopyStats) {
 
 /// Ends a decommission: the bookie may receive new replicas again.
 pub async fn cancel(store: DynStore, bookie: &str) -> Result<()> {
-    Ok(ReplicationStore::new(store).end_decommission(bookie).await?)
+    Ok(ReplicationStore::new(store)
+        .end_decommission(bookie)
+        .await?)
 }

@@ -143,8 +143,13 @@ impl Replicator {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let live: BTreeSet<String> =
-                self.registry.list().await?.into_iter().map(|b| b.id).collect();
+            let live: BTreeSet<String> = self
+                .registry
+                .list()
+                .await?
+                .into_iter()
+                .map(|b| b.id)
+                .collect();
             let leaving = self.repl.decommissioning().await?;
             let moving = |b: &String| !live.contains(b) || leaving.contains(b);
             let mut tail_waits = false;
@@ -160,15 +165,24 @@ impl Replicator {
                         continue;
                     }
                     let s = if moving(b) {
-                        let (s, target) =
-                            self.move_replica(ledger, &meta, &frag, pos, &leaving).await?;
+                        let (s, target) = self
+                            .move_replica(ledger, &meta, &frag, pos, &leaving)
+                            .await?;
                         // So a second lost bookie of this fragment picks another target.
                         frag.ensemble[pos] = target;
                         s
                     } else {
                         // Staying: put back the entries it lacks.
                         self.client
-                            .copy_fragment(ledger, &meta, &frag, pos, b, true, self.throttle.as_ref())
+                            .copy_fragment(
+                                ledger,
+                                &meta,
+                                &frag,
+                                pos,
+                                b,
+                                true,
+                                self.throttle.as_ref(),
+                            )
                             .await?
                     };
                     stats.entries += s.entries;
@@ -186,15 +200,22 @@ impl Replicator {
             if now_ms() < retry_at_ms || recovered || meta.state == LedgerState::Closed {
                 return Ok(Outcome::Deferred { retry_at_ms });
             }
-            tracing::info!(ledger_id = ledger,
+            tracing::info!(
+                ledger_id = ledger,
                 "the open ledger's last fragment still names a lost bookie past the grace \
-                 period: recovering it");
+                 period: recovering it"
+            );
             self.client.recover_with_stored_key(ledger).await?;
             recovered = true;
         }
         self.clear(ledger, mark.version).await?;
-        tracing::info!(ledger_id = ledger, fragments, entries = stats.entries, bytes = stats.bytes,
-            "ledger replicated");
+        tracing::info!(
+            ledger_id = ledger,
+            fragments,
+            entries = stats.entries,
+            bytes = stats.bytes,
+            "ledger replicated"
+        );
         Ok(Outcome::Replicated { fragments, stats })
     }
 
@@ -226,7 +247,15 @@ impl Replicator {
         })?;
         let stats = self
             .client
-            .copy_fragment(ledger, meta, frag, pos, &target, false, self.throttle.as_ref())
+            .copy_fragment(
+                ledger,
+                meta,
+                frag,
+                pos,
+                &target,
+                false,
+                self.throttle.as_ref(),
+            )
             .await?;
         self.client
             .replace_bookie(ledger, frag.first, old, &target)
@@ -271,7 +300,10 @@ pub async fn run(
         let mut published = Instant::now() - PUBLISH_EVERY;
         while !*stop.borrow() && !session.is_lost() {
             if published.elapsed() >= PUBLISH_EVERY {
-                if let Err(e) = repl.publish_worker(&worker.counters(), session.lease()).await {
+                if let Err(e) = repl
+                    .publish_worker(&worker.counters(), session.lease())
+                    .await
+                {
                     tracing::debug!(error = %e, "could not publish worker counters");
                 }
                 published = Instant::now();
@@ -296,7 +328,11 @@ pub async fn run(
                     continue;
                 }
                 match worker.process(id, session.lease()).await {
-                    Ok(Outcome::Replicated { .. }) => worked = true,
+                    Ok(Outcome::Replicated { .. }) => {
+                        worked = true;
+                        // Progress shows in `quire autorecovery status` at once.
+                        published = Instant::now() - PUBLISH_EVERY;
+                    }
                     Ok(Outcome::Deferred { retry_at_ms }) => {
                         let wait = retry_at_ms.saturating_sub(now_ms()).clamp(500, 10_000);
                         not_before.insert(id, Instant::now() + Duration::from_millis(wait));
@@ -307,7 +343,9 @@ pub async fn run(
                     }
                 }
                 if published.elapsed() >= PUBLISH_EVERY {
-                    let _ = repl.publish_worker(&worker.counters(), session.lease()).await;
+                    let _ = repl
+                        .publish_worker(&worker.counters(), session.lease())
+                        .await;
                     published = Instant::now();
                 }
             }
@@ -315,7 +353,9 @@ pub async fn run(
                 break;
             }
         }
-        let _ = repl.publish_worker(&worker.counters(), session.lease()).await;
+        let _ = repl
+            .publish_worker(&worker.counters(), session.lease())
+            .await;
         let _ = session.close().await;
     }
 }

@@ -166,10 +166,7 @@ fn http_router(
             get(move || async move {
                 match quire_autorecovery::status::status(&store).await {
                     Ok(s) => Ok(axum::Json(s)),
-                    Err(e) => Err((
-                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                        e.to_string(),
-                    )),
+                    Err(e) => Err((axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
                 }
             }),
         )
@@ -201,7 +198,10 @@ async fn status(uri: &str, json: bool) -> anyhow::Result<()> {
     println!("under-replicated ledgers: {}", s.under_replicated);
     for l in &s.ledgers {
         let by = l.locked_by.as_deref().unwrap_or("-");
-        println!("  ledger {}: missing {:?}, worker {by}", l.ledger_id, l.missing);
+        println!(
+            "  ledger {}: missing {:?}, worker {by}",
+            l.ledger_id, l.missing
+        );
     }
     println!("workers: {}", s.workers.len());
     for w in &s.workers {

@@ -19,8 +19,8 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use futures::StreamExt;
 use quire_metadata::ledgers::{LedgerMetadata, LedgerState, Versioned};
-use quire_proto::entry;
 use quire_proto::bookie as pb;
+use quire_proto::entry;
 use tokio::sync::mpsc;
 
 use crate::client::{Client, Shared};
@@ -181,9 +181,8 @@ impl Client {
                         Err(err) => errors.push(format!("{b}: {err}")),
                     }
                 }
-                let body = body.ok_or_else(|| {
-                    LedgerError::Unreadable(id, entry_id, errors.join("; "))
-                })?;
+                let body =
+                    body.ok_or_else(|| LedgerError::Unreadable(id, entry_id, errors.join("; ")))?;
                 if let Some(t) = throttle {
                     t.acquire(body.len()).await;
                 }
@@ -205,9 +204,11 @@ impl Client {
             }
         }
         for en in [copied.first(), copied.last()].into_iter().flatten() {
-            read_verified(shared, target, id, *en).await.map_err(|err| {
-                LedgerError::Unreadable(id, *en, format!("{target} after the copy: {err}"))
-            })?;
+            read_verified(shared, target, id, *en)
+                .await
+                .map_err(|err| {
+                    LedgerError::Unreadable(id, *en, format!("{target} after the copy: {err}"))
+                })?;
         }
         Ok(stats)
     }
@@ -290,7 +291,11 @@ async fn read_verified(shared: &Shared, bookie: &str, id: u64, entry_id: u64) ->
             entry_id,
             format!("{bookie} returned entry {}/{}", h.ledger_id, h.entry_id),
         )),
-        Err(e) => Err(LedgerError::Unreadable(id, entry_id, format!("{bookie}: {e}"))),
+        Err(e) => Err(LedgerError::Unreadable(
+            id,
+            entry_id,
+            format!("{bookie}: {e}"),
+        )),
     }
 }
 
@@ -319,7 +324,9 @@ async fn add_recovery(
             code: e.code,
             message: e.message,
         }),
-        None => Err(LedgerError::WriterStopped("the bookie pool shut down".into())),
+        None => Err(LedgerError::WriterStopped(
+            "the bookie pool shut down".into(),
+        )),
     }
 }
 

@@ -272,9 +272,16 @@ impl ReplicationStore {
             Some(kv) => {
                 // A previous session of the same worker id: replace it.
                 self.store.delete(&key, Some(kv.version)).await?;
-                self.store.create(&key, value, Some(lease)).await.map(|_| ())
+                self.store
+                    .create(&key, value, Some(lease))
+                    .await
+                    .map(|_| ())
             }
-            None => self.store.create(&key, value, Some(lease)).await.map(|_| ()),
+            None => self
+                .store
+                .create(&key, value, Some(lease))
+                .await
+                .map(|_| ()),
         }
     }
 
@@ -380,7 +387,10 @@ mod tests {
         assert!(r.update_auditor(&a).await.unwrap());
         assert_eq!(r.auditor().await.unwrap().unwrap().ledgers_marked, 3);
         a.id = "a1".into();
-        assert!(!r.update_auditor(&a).await.unwrap(), "not the active auditor");
+        assert!(
+            !r.update_auditor(&a).await.unwrap(),
+            "not the active auditor"
+        );
 
         let mut w = WorkerInfo {
             id: "w1".into(),
