@@ -229,6 +229,7 @@ impl Auditor {
             .into_iter()
             .map(|b| b.id)
             .collect();
+        let leaving = self.repl.decommissioning().await?;
         let now = now_ms();
         for b in self.known.difference(&live) {
             if !self.info.lost_bookies.contains_key(b) {
@@ -240,7 +241,10 @@ impl Auditor {
             if self.info.lost_bookies.remove(b).is_some() {
                 tracing::info!(bookie = %b, "lost bookie is back");
             }
-            self.marked.remove(b);
+            // A bookie being decommissioned stays marked while live (the bookie check re-marks).
+            if !leaving.contains(b) {
+                self.marked.remove(b);
+            }
         }
         self.known.extend(live.iter().cloned());
         let delay = self.cfg.lost_bookie_recovery_delay.as_millis() as u64;
@@ -251,7 +255,7 @@ impl Auditor {
             .filter(|(b, since)| now >= *since + delay && !self.marked.contains(*b))
             .map(|(b, _)| b.clone())
             .collect();
-        for b in self.repl.decommissioning().await? {
+        for b in leaving {
             if !self.marked.contains(&b) {
                 due.insert(b);
             }
