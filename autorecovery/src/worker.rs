@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use quire_ledger_client::admin::{self, CopyStats, Throttle};
+use quire_ledger_client::admin::{self, CopyStats, CopyTo, Throttle};
 use quire_ledger_client::placement::choose_replacement;
 use quire_ledger_client::{Client, LedgerError, LedgerState};
 use quire_metadata::bookies::BookieRegistry;
@@ -179,8 +179,7 @@ impl Replicator {
                                 &meta,
                                 &frag,
                                 pos,
-                                b,
-                                true,
+                                CopyTo::SameBookie,
                                 self.throttle.as_ref(),
                             )
                             .await?
@@ -252,8 +251,7 @@ impl Replicator {
                 meta,
                 frag,
                 pos,
-                &target,
-                false,
+                CopyTo::NewBookie(&target),
                 self.throttle.as_ref(),
             )
             .await?;

@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a bookie: the storage server for ledger entries.
-    Bookie(bookie::BookieArgs),
+    Bookie(Box<bookie::BookieArgs>),
     /// Run a metadata node (raft), or manage and inspect a metadata cluster.
     Metadata(metadata::MetadataArgs),
     /// Run everything in one process on one directory: metadata store, three bookies and the
@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
     .build()?;
     rt.block_on(async {
         match cli.command {
-            Command::Bookie(args) => bookie::run(args).await,
+            Command::Bookie(args) => bookie::run(*args).await,
             Command::Metadata(args) => metadata::run(args).await,
             Command::Standalone(args) => standalone::run(args).await,
             Command::LedgerApi(args) => ledger_api::run(args).await,

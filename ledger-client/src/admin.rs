@@ -122,6 +122,17 @@ impl Throttle {
     }
 }
 
+/// Where [`Client::copy_fragment`] copies to.
+#[derive(Clone, Copy, Debug)]
+pub enum CopyTo<'a> {
+    /// A bookie outside the ensemble, which then takes the position (by
+    /// [`Client::replace_bookie`]).
+    NewBookie(&'a str),
+    /// The bookie at the position itself: only the entries it lacks or holds corrupt (repair in
+    /// place).
+    SameBookie,
+}
+
 /// What a copy moved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CopyStats {
@@ -145,21 +156,23 @@ impl Client {
             .await
     }
 
-    /// Copies position `pos` of `frag` to `target`: every entry of the fragment whose write set
-    /// holds `pos` is read from its other replicas (the bookie at `pos` last, in case it is still
-    /// up), digest checked, and added to `target` as a recovery add under the ledger's master
-    /// key. With `only_missing`, entries `target` already holds intact are skipped (repair in
-    /// place). The first and last entries copied are read back from `target` to verify.
+    /// Copies position `pos` of `frag`: every entry of the fragment whose write set holds `pos`
+    /// is read from its other replicas (the bookie at `pos` last, in case it is still up),
+    /// digest checked, and added to the target as a recovery add under the ledger's master key.
+    /// The first and last entries copied are read back from the target to verify.
     pub async fn copy_fragment(
         &self,
         id: u64,
         meta: &LedgerMetadata,
         frag: &Fragment,
         pos: usize,
-        target: &str,
-        only_missing: bool,
+        to: CopyTo<'_>,
         throttle: Option<&Throttle>,
     ) -> Result<CopyStats> {
+        let (target, only_missing) = match to {
+            CopyTo::NewBookie(b) => (b, false),
+            CopyTo::SameBookie => (frag.ensemble[pos].as_str(), true),
+        };
         let key = stored_master_key(id, meta)?;
         let shared = self.shared();
         let e = frag.ensemble.len();
