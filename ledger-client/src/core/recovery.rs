@@ -391,9 +391,16 @@ mod tests {
 
     fn meta(e: usize, qw: u32, qa: u32) -> LedgerMetadata {
         let ens = (0..e).map(|i| format!("b{i}")).collect();
-        let mut m =
-            LedgerMetadata::new(ens, qw, qa, DigestType::Crc32c, vec![], vec![], Default::default())
-                .unwrap();
+        let mut m = LedgerMetadata::new(
+            ens,
+            qw,
+            qa,
+            DigestType::Crc32c,
+            vec![],
+            vec![],
+            Default::default(),
+        )
+        .unwrap();
         m.transition(quire_metadata::ledgers::LedgerState::InRecovery)
             .unwrap();
         m
