@@ -53,6 +53,9 @@ pub struct BookieOpts {
     pub journal_dir: Option<PathBuf>,
     /// Use these ledger directories instead of ones in the test directory.
     pub ledger_dirs: Option<Vec<PathBuf>>,
+    /// More `quire bookie` flags, after the ones the harness passes (e.g.
+    /// `--session-timeout-ms 2000`, `--no-autorecovery`).
+    pub args: Vec<String>,
 }
 
 impl BookieOpts {
@@ -63,7 +66,15 @@ impl BookieOpts {
             ledger_dir_count: 1,
             journal_dir: None,
             ledger_dirs: None,
+            args: Vec::new(),
         }
+    }
+
+    /// Appends `quire bookie` flags.
+    pub fn args<S: AsRef<str>>(mut self, args: &[S]) -> Self {
+        self.args
+            .extend(args.iter().map(|a| a.as_ref().to_string()));
+        self
     }
 
     pub fn config(mut self, toml: &str) -> Self {
@@ -339,6 +350,7 @@ pub struct BookieProcess {
     config_path: PathBuf,
     addr_file: PathBuf,
     bookie_id: String,
+    args: Vec<String>,
     grpc: Option<SocketAddr>,
     http: Option<SocketAddr>,
 }
@@ -364,6 +376,7 @@ impl BookieProcess {
         std::fs::write(&config_path, &opts.config_toml).expect("write config");
         Self {
             bookie_id: format!("test-{}", opts.name),
+            args: opts.args,
             name: opts.name,
             addr_file: root_path.join("bookie.addr"),
             proc,
@@ -414,7 +427,8 @@ impl BookieProcess {
                 .arg("--addr-file")
                 .arg(&self.addr_file)
                 .arg("--bookie-id")
-                .arg(&self.bookie_id);
+                .arg(&self.bookie_id)
+                .args(&self.args);
         });
         let deadline = Instant::now() + START_TIMEOUT;
         let addr_file = &self.addr_file;
@@ -1555,6 +1569,160 @@ impl StandaloneProcess {
     }
 
     /// The per-test directory (scratch space for the test too).
+    pub fn root(&self) -> &Path {
+        &self.proc.root_path
+    }
+
+    pub fn log_dir(&self) -> &Path {
+        &self.proc.log_dir
+    }
+
+    /// Everything the latest run wrote to stdout.
+    pub fn last_stdout(&self) -> String {
+        self.proc.last_stdout()
+    }
+
+    /// Everything the latest run wrote to stderr.
+    pub fn last_stderr(&self) -> String {
+        self.proc.last_stderr()
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// `quire autorecovery` daemons.
+
+/// How long a `quire autorecovery` daemon may take to start serving or to stop.
+pub const AUTORECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One `quire autorecovery` daemon (and its restarts): `--metadata URI --id ID --http
+/// 127.0.0.1:0 --addr-file F` plus the test's flags. Dropping it kills the process; a panicking
+/// test keeps its directory and prints where the logs are.
+pub struct AutoRecoveryProcess {
+    id: String,
+    metadata: String,
+    args: Vec<String>,
+    proc: TestProcess,
+    addr_file: PathBuf,
+    http: Option<SocketAddr>,
+}
+
+impl AutoRecoveryProcess {
+    /// Starts daemon `id` (its name in the auditor election, the worker list and ledger locks)
+    /// against the metadata store `metadata`, with more flags `args` (e.g.
+    /// `--lost-bookie-recovery-delay 3s`); panics (with its stderr) when it does not serve.
+    pub async fn start<S: AsRef<str>>(id: &str, metadata: &str, args: &[S]) -> Self {
+        let proc = TestProcess::new(&format!("ar-{id}"), format!("autorecovery {id}"), 30);
+        let mut p = AutoRecoveryProcess {
+            id: id.into(),
+            metadata: metadata.into(),
+            args: args.iter().map(|a| a.as_ref().to_string()).collect(),
+            addr_file: proc.root_path.join("http.addr"),
+            proc,
+            http: None,
+        };
+        p.restart().await;
+        p
+    }
+
+    /// Starts it again with the same id and flags, stopping it first (with SIGTERM) if it is
+    /// running.
+    pub async fn restart(&mut self) {
+        if self.is_running() {
+            self.terminate().await;
+        }
+        let _ = std::fs::remove_file(&self.addr_file);
+        self.proc.spawn(|cmd| {
+            cmd.arg("autorecovery")
+                .arg("--metadata")
+                .arg(&self.metadata)
+                .arg("--id")
+                .arg(&self.id)
+                .args(["--http", "127.0.0.1:0"])
+                .arg("--addr-file")
+                .arg(&self.addr_file)
+                .args(&self.args);
+        });
+        let deadline = Instant::now() + AUTORECOVERY_TIMEOUT;
+        let addr_file = &self.addr_file;
+        match self
+            .proc
+            .wait_ready(deadline, || {
+                std::fs::read_to_string(addr_file)
+                    .ok()
+                    .and_then(|t| t.lines().next()?.trim().parse::<SocketAddr>().ok())
+            })
+            .await
+        {
+            Ok(a) => self.http = Some(a),
+            Err(Some(status)) => panic!(
+                "autorecovery {} exited with {status} instead of serving; stderr:\n{}",
+                self.id,
+                tail(&self.last_stderr(), 40)
+            ),
+            Err(None) => panic!(
+                "autorecovery {} did not serve within {AUTORECOVERY_TIMEOUT:?}; stderr:\n{}",
+                self.id,
+                tail(&self.last_stderr(), 40)
+            ),
+        }
+    }
+
+    /// Its name in the auditor election, the worker list and ledger locks.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.proc.is_running()
+    }
+
+    /// The process id while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
+    /// The HTTP address of the current run.
+    pub fn http_addr(&self) -> SocketAddr {
+        assert!(self.is_running(), "autorecovery {} is not running", self.id);
+        self.http.expect("address known while running")
+    }
+
+    /// GET on the daemon's HTTP port.
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        http_request(self.http_addr(), "GET", path, None)
+    }
+
+    /// `GET /status`, parsed (what `quire autorecovery status --json` prints).
+    pub fn status(&self) -> serde_json::Value {
+        let (code, body) = self.http_get("/status");
+        assert_eq!(code, 200, "GET /status of autorecovery {}: {body}", self.id);
+        serde_json::from_str(&body).expect("status is JSON")
+    }
+
+    /// One sample from `/metrics` (e.g. `quire_autorecovery_auditor_active`), when present.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let (code, body) = self.http_get("/metrics");
+        assert_eq!(
+            code, 200,
+            "GET /metrics of autorecovery {}: {body}",
+            self.id
+        );
+        parse_metric(&body, name)
+    }
+
+    /// SIGKILL: the crash fault. Returns once the process is gone.
+    pub fn kill9(&mut self) {
+        self.proc.kill9();
+        self.http = None;
+    }
+
+    /// SIGTERM and wait for the clean shutdown; panics unless it exits 0 in time.
+    pub async fn terminate(&mut self) {
+        self.http = None;
+        self.proc.terminate(AUTORECOVERY_TIMEOUT).await;
+    }
+
+    /// The per-test directory.
     pub fn root(&self) -> &Path {
         &self.proc.root_path
     }
