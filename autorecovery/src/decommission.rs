@@ -155,7 +155,7 @@ pub async fn decommission(
             // before a later fragment was added: marked again.
             repl.mark(id, &[bookie.to_string()]).await?;
             match worker.process(id, session.lease()).await {
-                Ok(Outcome::Replicated { fragments, stats }) => {
+                Ok(Outcome::Replicated { fragments, stats }) if fragments > 0 => {
                     report.ledgers_moved += 1;
                     report.fragments_moved += fragments;
                     add(&mut report, stats);

@@ -100,13 +100,10 @@ impl Replicator {
         let r = self.replicate(ledger).await;
         self.counters.lock().current_ledger = None;
         match &r {
-            Ok(Outcome::Replicated { fragments, stats }) => {
+            // Fragments are counted as they are done; a ledger only when it needed work.
+            Ok(Outcome::Replicated { fragments, .. }) if *fragments > 0 => {
                 self.metrics.ledgers_replicated.inc();
-                let mut c = self.counters.lock();
-                c.ledgers_replicated += 1;
-                c.fragments_replicated += fragments;
-                c.entries_replicated += stats.entries;
-                c.bytes_replicated += stats.bytes;
+                self.counters.lock().ledgers_replicated += 1;
             }
             Ok(_) => {}
             Err(e) => {
@@ -188,6 +185,12 @@ impl Replicator {
                     stats.bytes += s.bytes;
                     self.metrics.entries_replicated.inc_by(s.entries);
                     self.metrics.bytes_replicated.inc_by(s.bytes);
+                    {
+                        let mut c = self.counters.lock();
+                        c.fragments_replicated += 1;
+                        c.entries_replicated += s.entries;
+                        c.bytes_replicated += s.bytes;
+                    }
                     fragments += 1;
                     self.metrics.fragments_replicated.inc();
                 }
