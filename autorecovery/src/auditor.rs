@@ -35,6 +35,8 @@ use crate::metrics::Metrics;
 use crate::worker::wait_or_stop;
 
 const TICK: Duration = Duration::from_secs(1);
+/// The under-replicated gauge lists every marker: every this many ticks only.
+const GAUGE_EVERY: u64 = 10;
 /// Ledger metadata read per page of a scan.
 const SCAN_PAGE: u32 = 500;
 
@@ -130,6 +132,7 @@ struct Auditor {
     known: BTreeSet<String>,
     /// Lost bookies whose ledgers were marked (until they come back).
     marked: BTreeSet<String>,
+    ticks: u64,
 }
 
 impl Auditor {
@@ -154,6 +157,7 @@ impl Auditor {
             },
             known: BTreeSet::new(),
             marked: BTreeSet::new(),
+            ticks: 0,
             store,
             client,
             cfg,
@@ -264,9 +268,12 @@ impl Auditor {
             self.mark_ledgers_naming(&due).await?;
             self.marked.extend(due);
         }
-        self.metrics
-            .under_replicated_ledgers
-            .set(self.repl.list().await?.len() as i64);
+        self.ticks += 1;
+        if self.ticks % GAUGE_EVERY == 1 {
+            self.metrics
+                .under_replicated_ledgers
+                .set(self.repl.list().await?.len() as i64);
+        }
         Ok(())
     }
 
@@ -285,7 +292,11 @@ impl Auditor {
         })
         .await?;
         for (id, named) in &found {
-            self.repl.mark(*id, named).await?;
+            // One failed marking must not stop the others (nor trigger a rescan every tick):
+            // the next bookie check marks it again.
+            if let Err(e) = self.repl.mark(*id, named).await {
+                tracing::warn!(ledger_id = id, error = %e, "could not mark a ledger");
+            }
         }
         if !found.is_empty() {
             tracing::info!(bookies = ?bookies, ledgers = found.len(), "marked ledgers under-replicated");

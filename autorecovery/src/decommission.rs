@@ -8,6 +8,11 @@
 //! 3. Work as a replication worker on those ledgers (copy from any replica, the leaving bookie
 //!    included, then swap by CAS) until no ledger names the bookie.
 //!
+//! An open ledger with the bookie in its last ensemble is left to its writer: the bookie is
+//! healthy, so nothing forces an ensemble change, and fencing a working writer would be worse
+//! than waiting. The decommission finishes once such ledgers are closed (Pulsar rolls ledgers
+//! regularly) or the timeout passes; progress reports how many wait.
+//!
 //! The decommission mark stays afterwards so the empty bookie gets no new ledgers until it is
 //! stopped; [`cancel`] removes it.
 
@@ -53,31 +58,55 @@ pub struct DecommissionReport {
     pub elapsed_ms: u64,
 }
 
-/// Ledgers naming `bookie`, with the ensembles (first entry, members) that name it.
-async fn ledgers_naming(store: &DynStore, bookie: &str) -> Result<Vec<(u64, Vec<Vec<String>>)>> {
+/// A ledger naming the bookie being decommissioned.
+struct Naming {
+    id: u64,
+    /// The ensembles that name it.
+    ensembles: Vec<Vec<String>>,
+    /// Its metadata keeps the master key (written by a client that stores it).
+    has_key: bool,
+    /// Not closed, with the bookie in its last ensemble: waits for its writer.
+    open_tail: bool,
+}
+
+/// Ledgers naming `bookie`.
+async fn ledgers_naming(store: &DynStore, bookie: &str) -> Result<Vec<Naming>> {
     let mut out = Vec::new();
     scan_ledgers(store, |id, m| {
         if bookies_of(&m).contains(bookie) {
-            let ens = m
-                .ensembles
-                .values()
-                .filter(|e| e.iter().any(|b| b == bookie))
-                .cloned()
-                .collect();
-            out.push((id, ens));
+            let open_tail = m.state != quire_ledger_client::LedgerState::Closed
+                && m.ensembles
+                    .values()
+                    .next_back()
+                    .is_some_and(|e| e.iter().any(|b| b == bookie));
+            out.push(Naming {
+                id,
+                ensembles: m
+                    .ensembles
+                    .values()
+                    .filter(|e| e.iter().any(|b| b == bookie))
+                    .cloned()
+                    .collect(),
+                has_key: !m.master_key.is_empty(),
+                open_tail,
+            });
         }
     })
     .await?;
     Ok(out)
 }
 
-/// Empties `bookie`; `progress` is told how many ledgers still name it after each round.
+/// Pause between rounds (each scans all ledger metadata).
+const ROUND_PAUSE: Duration = Duration::from_secs(2);
+
+/// Empties `bookie`; `progress` is told, each round, how many ledgers still name it and how
+/// many of those wait for their writer (open, with the bookie in their last ensemble).
 pub async fn decommission(
     store: DynStore,
     client: Client,
     bookie: &str,
     opts: DecommissionOptions,
-    progress: impl Fn(u64),
+    progress: impl Fn(u64, u64),
 ) -> Result<DecommissionReport> {
     check_bookie_id(bookie)?;
     let started = Instant::now();
@@ -103,7 +132,16 @@ pub async fn decommission(
         .map(|c| c.id)
         .filter(|c| c != bookie)
         .collect();
-    for (id, ensembles) in &naming {
+    let keyless: Vec<u64> = naming.iter().filter(|n| !n.has_key).map(|n| n.id).collect();
+    if !keyless.is_empty() {
+        return Err(Error::Ledger(
+            quire_ledger_client::LedgerError::InvalidArgument(format!(
+                "ledgers {keyless:?} keep no master key in their metadata (written by an older \
+             client): their replicas cannot be copied without their passwords"
+            )),
+        ));
+    }
+    for Naming { id, ensembles, .. } in &naming {
         for ens in ensembles {
             if !others.iter().any(|c| !ens.contains(c)) {
                 return Err(Error::NotEnoughBookies(format!(
@@ -114,8 +152,8 @@ pub async fn decommission(
         }
     }
     repl.start_decommission(bookie).await?;
-    for (id, _) in &naming {
-        repl.mark(*id, &[bookie.to_string()]).await?;
+    for n in &naming {
+        repl.mark(n.id, &[bookie.to_string()]).await?;
     }
     tracing::info!(bookie, ledgers = naming.len(), "decommissioning");
 
@@ -132,43 +170,69 @@ pub async fn decommission(
         ledgers: naming.len() as u64,
         ..Default::default()
     };
-    let deadline = started + opts.timeout;
-    let result = loop {
-        let left = ledgers_naming(&store, bookie).await?;
-        progress(left.len() as u64);
-        if left.is_empty() {
-            break Ok(());
-        }
-        if Instant::now() >= deadline {
-            break Err(Error::Timeout(format!(
-                "{} ledgers still name {bookie} after {:?}; the autorecovery workers go on \
-                 with them",
-                left.len(),
-                opts.timeout
-            )));
-        }
-        if session.is_lost() {
-            break Err(Error::Timeout("the metadata session was lost".into()));
-        }
-        for (id, _) in left {
-            // A ledger created before the mark was seen, or whose marker a worker cleared
-            // before a later fragment was added: marked again.
-            repl.mark(id, &[bookie.to_string()]).await?;
-            match worker.process(id, session.lease()).await {
-                Ok(Outcome::Replicated { fragments, stats }) if fragments > 0 => {
-                    report.ledgers_moved += 1;
-                    report.fragments_moved += fragments;
-                    add(&mut report, stats);
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(ledger_id = id, error = %e, "move failed; retrying"),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let result = move_all(
+        &store,
+        bookie,
+        &session,
+        &worker,
+        &mut report,
+        started + opts.timeout,
+        &progress,
+    )
+    .await;
     let _ = session.close().await;
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     result.map(|()| report)
+}
+
+/// Rounds of moves until no ledger names `bookie`, or `deadline`.
+async fn move_all(
+    store: &DynStore,
+    bookie: &str,
+    session: &Session,
+    worker: &Replicator,
+    report: &mut DecommissionReport,
+    deadline: Instant,
+    progress: &impl Fn(u64, u64),
+) -> Result<()> {
+    let repl = ReplicationStore::new(store.clone());
+    loop {
+        let left = ledgers_naming(store, bookie).await?;
+        let waiting = left.iter().filter(|n| n.open_tail).count() as u64;
+        progress(left.len() as u64, waiting);
+        if left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout(format!(
+                "{} ledgers still name {bookie} ({waiting} of them open with it in their last \
+                 ensemble, waiting for their writers to close or roll them); the autorecovery \
+                 workers go on with them",
+                left.len(),
+            )));
+        }
+        if session.is_lost() {
+            return Err(Error::Timeout("the metadata session was lost".into()));
+        }
+        for n in left {
+            if Instant::now() >= deadline {
+                break;
+            }
+            // A ledger created before the mark was seen, or whose marker a worker cleared
+            // before a later fragment was added: marked again.
+            repl.mark(n.id, &[bookie.to_string()]).await?;
+            match worker.process(n.id, session.lease()).await {
+                Ok(Outcome::Replicated { fragments, stats }) if fragments > 0 => {
+                    report.ledgers_moved += 1;
+                    report.fragments_moved += fragments;
+                    add(report, stats);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(ledger_id = n.id, error = %e, "move failed; retrying"),
+            }
+        }
+        tokio::time::sleep(ROUND_PAUSE).await;
+    }
 }
 
 fn add(r: &mut DecommissionReport, s: CopyStats) {

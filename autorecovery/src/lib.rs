@@ -32,6 +32,9 @@ pub use config::AutoRecoveryConfig;
 pub use error::{Error, Result};
 pub use metrics::Metrics;
 
+/// How long [`AutoRecovery::stop`] waits for a role to finish its current step.
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A running auditor candidate and/or replication worker.
 pub struct AutoRecovery {
     stop: watch::Sender<bool>,
@@ -78,11 +81,16 @@ impl AutoRecovery {
         &self.metrics
     }
 
-    /// Stops both roles, giving up the auditor election and any ledger lock held.
+    /// Stops both roles, giving up the auditor election and any ledger lock held. A copy in
+    /// progress gets [`STOP_GRACE`]; then it is abandoned (its lock goes with the session, and
+    /// metadata never names a copy that was not finished).
     pub async fn stop(self) {
         let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
+        for mut t in self.tasks {
+            if tokio::time::timeout(STOP_GRACE, &mut t).await.is_err() {
+                t.abort();
+                let _ = t.await;
+            }
         }
     }
 }

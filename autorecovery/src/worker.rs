@@ -38,6 +38,11 @@ use crate::metrics::Metrics;
 
 /// A ledger whose replication failed is left alone this long before the next try.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
+/// How often a ledger whose open tail waits on its writer (a leaving or read-only bookie) is
+/// looked at again.
+const TAIL_RECHECK: Duration = Duration::from_secs(10);
+/// Longest back-off for a ledger whose replication keeps failing.
+const RETRY_MAX: Duration = Duration::from_secs(300);
 /// How often a worker republishes its counters while busy.
 const PUBLISH_EVERY: Duration = Duration::from_secs(2);
 
@@ -112,9 +117,15 @@ impl Replicator {
                 self.counters.lock().failures += 1;
             }
         }
-        if let Err(e) = self.repl.unlock(ledger).await {
-            // The lock goes with the session at the latest.
-            tracing::warn!(ledger_id = ledger, error = %e, "could not release a ledger lock");
+        for attempt in 0..3 {
+            match self.repl.unlock(ledger, lease).await {
+                Ok(()) => break,
+                // The lock goes with the session at the latest.
+                Err(e) if attempt == 2 => {
+                    tracing::warn!(ledger_id = ledger, error = %e, "could not release a ledger lock")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
         }
         r
     }
@@ -140,36 +151,38 @@ impl Replicator {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let live: BTreeSet<String> = self
-                .registry
-                .list()
-                .await?
-                .into_iter()
-                .map(|b| b.id)
-                .collect();
+            let registered = self.registry.list().await?;
             let leaving = self.repl.decommissioning().await?;
-            let moving = |b: &String| !live.contains(b) || leaving.contains(b);
-            let mut tail_waits = false;
-            for mut frag in admin::fragments(&meta, -1) {
+            // Staying bookies get lost copies back in place; the others' replicas move.
+            let staying: BTreeSet<String> = registered
+                .iter()
+                .filter(|b| !b.read_only && !leaving.contains(&b.id))
+                .map(|b| b.id.clone())
+                .collect();
+            let lost = |b: &String| !registered.iter().any(|r| r.id == *b);
+            // The open tail: positions on lost bookies, and when the newest was marked.
+            let mut tail_lost: Vec<(usize, u64)> = Vec::new();
+            let mut tail_live = false;
+            let frags = admin::fragments(&meta, -1);
+            for mut frag in frags.iter().cloned() {
                 for pos in 0..frag.ensemble.len() {
                     let b = &frag.ensemble[pos].clone();
                     if !bad.contains(b) {
                         continue;
                     }
                     if frag.open_tail {
-                        // The writer's, unless it stayed on a lost bookie past the grace.
-                        tail_waits |= moving(b);
+                        // The writer's. A lost bookie it has not replaced by the end of the
+                        // grace means the writer is gone too; a live one (leaving, read-only)
+                        // waits for the writer to close or roll the ledger.
+                        if lost(b) {
+                            tail_lost.push((pos, mark.value.marked_ms(b)));
+                        } else {
+                            tail_live |= !staying.contains(b);
+                        }
                         continue;
                     }
-                    let s = if moving(b) {
-                        let (s, target) = self
-                            .move_replica(ledger, &meta, &frag, pos, &leaving)
-                            .await?;
-                        // So a second lost bookie of this fragment picks another target.
-                        frag.ensemble[pos] = target;
-                        s
-                    } else {
-                        // Staying: put back the entries it lacks.
+                    let s = if staying.contains(b) {
+                        // Put back the entries it lacks.
                         self.client
                             .copy_fragment(
                                 ledger,
@@ -180,6 +193,13 @@ impl Replicator {
                                 self.throttle.as_ref(),
                             )
                             .await?
+                    } else {
+                        let (s, target) = self
+                            .move_replica(ledger, &meta, &frag, pos, &leaving)
+                            .await?;
+                        // So a second lost bookie of this fragment picks another target.
+                        frag.ensemble[pos] = target;
+                        s
                     };
                     stats.entries += s.entries;
                     stats.bytes += s.bytes;
@@ -195,12 +215,24 @@ impl Replicator {
                     self.metrics.fragments_replicated.inc();
                 }
             }
-            if !tail_waits {
+            if tail_lost.is_empty() {
+                if tail_live {
+                    return Ok(Outcome::Deferred {
+                        retry_at_ms: now_ms() + TAIL_RECHECK.as_millis() as u64,
+                    });
+                }
                 break;
             }
-            let retry_at_ms = mark.value.ctime_ms + self.cfg.open_ledger_grace.as_millis() as u64;
+            let newest = tail_lost.iter().map(|(_, t)| *t).max().unwrap_or(0);
+            let retry_at_ms = newest + self.cfg.open_ledger_grace.as_millis() as u64;
             if now_ms() < retry_at_ms || recovered || meta.state == LedgerState::Closed {
                 return Ok(Outcome::Deferred { retry_at_ms });
+            }
+            // Fence only when the repair can follow: a bookie must be free for each position.
+            let tail = frags.last().expect("a ledger has a fragment");
+            let candidates = self.client.candidates().await?;
+            for (pos, _) in &tail_lost {
+                self.pick_target(ledger, &meta, tail, *pos, &leaving, &candidates)?;
             }
             tracing::info!(
                 ledger_id = ledger,
@@ -232,21 +264,7 @@ impl Replicator {
     ) -> Result<(CopyStats, String)> {
         let old = &frag.ensemble[pos];
         let candidates = self.client.candidates().await?;
-        let target = choose_replacement(
-            &candidates,
-            &frag.ensemble,
-            pos,
-            meta.write_quorum as usize,
-            leaving,
-            &mut rand::rng(),
-        )
-        .ok_or_else(|| {
-            Error::NotEnoughBookies(format!(
-                "no writable bookie outside {:?} to take {old}'s replicas of ledger {ledger} \
-                 (fragment at entry {})",
-                frag.ensemble, frag.first
-            ))
-        })?;
+        let target = self.pick_target(ledger, meta, frag, pos, leaving, &candidates)?;
         let stats = self
             .client
             .copy_fragment(
@@ -264,6 +282,33 @@ impl Replicator {
         tracing::info!(ledger_id = ledger, fragment = frag.first, from = %old, to = %target,
             entries = stats.entries, bytes = stats.bytes, "fragment replica moved");
         Ok((stats, target))
+    }
+
+    /// A bookie to take position `pos` of `frag`, by the placement policy.
+    fn pick_target(
+        &self,
+        ledger: u64,
+        meta: &quire_ledger_client::LedgerMetadata,
+        frag: &admin::Fragment,
+        pos: usize,
+        leaving: &BTreeSet<String>,
+        candidates: &[quire_ledger_client::placement::Candidate],
+    ) -> Result<String> {
+        choose_replacement(
+            candidates,
+            &frag.ensemble,
+            pos,
+            meta.write_quorum as usize,
+            leaving,
+            &mut rand::rng(),
+        )
+        .ok_or_else(|| {
+            Error::NotEnoughBookies(format!(
+                "no writable bookie outside {:?} to take {}'s replicas of ledger {ledger} \
+                 (fragment at entry {})",
+                frag.ensemble, frag.ensemble[pos], frag.first
+            ))
+        })
     }
 
     async fn clear(&self, ledger: u64, version: u64) -> Result<()> {
@@ -287,6 +332,7 @@ pub async fn run(
     let worker = Replicator::new(store.clone(), client, cfg.clone(), metrics);
     let repl = ReplicationStore::new(store.clone());
     let mut not_before: HashMap<u64, Instant> = HashMap::new();
+    let mut failures: HashMap<u64, u32> = HashMap::new();
     while !*stop.borrow() {
         let session = match Session::start(store.clone(), cfg.session_timeout).await {
             Ok(s) => s,
@@ -320,6 +366,7 @@ pub async fn run(
             ids.shuffle(&mut rand::rng());
             let now = Instant::now();
             not_before.retain(|_, t| *t > now);
+            failures.retain(|id, _| ids.contains(id));
             let mut worked = false;
             for id in ids {
                 if *stop.borrow() || session.is_lost() {
@@ -328,7 +375,11 @@ pub async fn run(
                 if not_before.contains_key(&id) {
                     continue;
                 }
-                match worker.process(id, session.lease()).await {
+                let r = worker.process(id, session.lease()).await;
+                if !matches!(r, Err(_) | Ok(Outcome::Locked)) {
+                    failures.remove(&id);
+                }
+                match r {
                     Ok(Outcome::Replicated { .. }) => {
                         worked = true;
                         // Progress shows in `quire autorecovery status` at once.
@@ -340,7 +391,12 @@ pub async fn run(
                     }
                     Ok(Outcome::Locked) => {}
                     Err(_) => {
-                        not_before.insert(id, Instant::now() + RETRY_AFTER_FAILURE);
+                        // Doubling back-off: some failures last (no spare bookie, an entry
+                        // no replica can serve) and should not cost a copy attempt every 5 s.
+                        let n = failures.entry(id).or_insert(0);
+                        let wait = (RETRY_AFTER_FAILURE * 2u32.pow((*n).min(6))).min(RETRY_MAX);
+                        *n += 1;
+                        not_before.insert(id, Instant::now() + wait);
                     }
                 }
                 if published.elapsed() >= PUBLISH_EVERY {

@@ -310,9 +310,10 @@ async fn decommission_moves_every_replica_while_reads_go_on() {
         open_ledger_grace: Duration::from_secs(1),
         throttle_bytes_per_sec: 0,
     };
-    let report = decommission::decommission(c.store.clone(), client.clone(), leaving, opts, |_| {})
-        .await
-        .unwrap();
+    let report =
+        decommission::decommission(c.store.clone(), client.clone(), leaving, opts, |_, _| {})
+            .await
+            .unwrap();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(reader.await.unwrap() >= 1);
     assert_eq!(report.ledgers, naming);
@@ -344,15 +345,16 @@ async fn decommission_refuses_what_it_cannot_do_and_changes_nothing() {
         client.clone(),
         "no-such-bookie",
         opts.clone(),
-        |_| {},
+        |_, _| {},
     )
     .await
     .unwrap_err();
     assert!(matches!(err, Error::UnknownBookie(_)), "{err}");
     // Three bookies, E=3: nobody could take bookie-0's replicas.
-    let err = decommission::decommission(c.store.clone(), client.clone(), "bookie-0", opts, |_| {})
-        .await
-        .unwrap_err();
+    let err =
+        decommission::decommission(c.store.clone(), client.clone(), "bookie-0", opts, |_, _| {})
+            .await
+            .unwrap_err();
     assert!(matches!(err, Error::NotEnoughBookies(_)), "{err}");
     assert!(err.to_string().contains("Add a bookie first"), "{err}");
     let repl = ReplicationStore::new(c.store.clone());

@@ -244,8 +244,15 @@ async fn decommission(
         open_ledger_grace,
         throttle_bytes_per_sec,
     };
-    let report = d::decommission(store, client, id, opts, |left| {
-        eprintln!("{left} ledgers still have replicas on {id}");
+    let report = d::decommission(store, client, id, opts, |left, waiting| {
+        if waiting > 0 {
+            eprintln!(
+                "{left} ledgers still have replicas on {id} ({waiting} open with it in their \
+                 last ensemble: they wait for their writers to close them)"
+            );
+        } else {
+            eprintln!("{left} ledgers still have replicas on {id}");
+        }
     })
     .await
     .with_context(|| format!("decommissioning {id}"))?;

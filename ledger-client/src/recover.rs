@@ -59,25 +59,38 @@ pub(crate) async fn recover(
             });
         match outcome {
             Ok((last, length)) => {
-                let mut closed = marked.value.clone();
-                closed
-                    .close(last, length)
-                    .map_err(|e| LedgerError::InvalidArgument(e.to_string()))?;
-                match cas(shared, id, &closed, marked.version).await {
-                    Ok(v) => {
-                        tracing::info!(
-                            ledger_id = id,
-                            last_entry_id = last,
-                            length,
-                            "ledger recovered"
-                        );
-                        return Ok(v);
+                let mut base = marked;
+                loop {
+                    let mut closed = base.value.clone();
+                    closed
+                        .close(last, length)
+                        .map_err(|e| LedgerError::InvalidArgument(e.to_string()))?;
+                    match cas(shared, id, &closed, base.version).await {
+                        Ok(v) => {
+                            tracing::info!(
+                                ledger_id = id,
+                                last_entry_id = last,
+                                length,
+                                "ledger recovered"
+                            );
+                            return Ok(v);
+                        }
+                        Err(CasError::Conflict(cur)) if cur.value.state == LedgerState::Closed => {
+                            return Ok(cur);
+                        }
+                        // Only earlier fragments changed (autorecovery moved a replica): the
+                        // decision stands, close on top of them.
+                        Err(CasError::Conflict(cur))
+                            if cur.value.state == LedgerState::InRecovery
+                                && cur.value != base.value
+                                && cur.value.ensembles.iter().next_back()
+                                    == base.value.ensembles.iter().next_back() =>
+                        {
+                            base = cur;
+                        }
+                        Err(CasError::Conflict(_)) => break, // another recovery took over
+                        Err(CasError::Failed(e)) => return Err(e),
                     }
-                    Err(CasError::Conflict(cur)) if cur.value.state == LedgerState::Closed => {
-                        return Ok(cur);
-                    }
-                    Err(CasError::Conflict(_)) => continue, // another recovery took over
-                    Err(CasError::Failed(e)) => return Err(e),
                 }
             }
             Err(e @ LedgerError::RecoveryIncomplete(..)) => {

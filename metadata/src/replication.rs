@@ -30,6 +30,16 @@ pub struct UnderReplicated {
     /// Bookies whose replicas of this ledger are missing.
     pub missing: BTreeSet<String>,
     pub ctime_ms: u64,
+    /// When each bookie of `missing` was added (ms); older markers lack it (use `ctime_ms`).
+    #[serde(default)]
+    pub since_ms: std::collections::BTreeMap<String, u64>,
+}
+
+impl UnderReplicated {
+    /// When `bookie` was marked missing.
+    pub fn marked_ms(&self, bookie: &str) -> u64 {
+        self.since_ms.get(bookie).copied().unwrap_or(self.ctime_ms)
+    }
 }
 
 /// The active auditor, as published under its election key.
@@ -105,9 +115,11 @@ impl ReplicationStore {
         loop {
             match self.store.get(&key).await? {
                 None => {
+                    let now = now_ms();
                     let m = UnderReplicated {
                         missing: bookies.iter().cloned().collect(),
-                        ctime_ms: now_ms(),
+                        ctime_ms: now,
+                        since_ms: bookies.iter().map(|b| (b.clone(), now)).collect(),
                     };
                     match self
                         .store
@@ -121,7 +133,12 @@ impl ReplicationStore {
                 Some(kv) => {
                     let mut m: UnderReplicated = decode(MARK_MAGIC, VERSION, &key, &kv.value)?;
                     let before = m.missing.len();
-                    m.missing.extend(bookies.iter().cloned());
+                    let now = now_ms();
+                    for b in bookies {
+                        if m.missing.insert(b.clone()) {
+                            m.since_ms.insert(b.clone(), now);
+                        }
+                    }
                     if m.missing.len() == before {
                         return Ok(());
                     }
@@ -158,21 +175,29 @@ impl ReplicationStore {
             .collect())
     }
 
-    /// Takes the ledger's lock for `owner` under `lease`; false when someone else holds it.
-    pub async fn try_lock(&self, ledger: u64, owner: &str, lease: LeaseId) -> Result<bool> {
-        match self
-            .store
-            .create(
-                &lock_key(ledger),
-                encode(LOCK_MAGIC, VERSION, &owner),
-                Some(lease),
-            )
-            .await
-        {
+    /// Creates an ephemeral `key` under `lease`; true when it exists under that lease afterwards
+    /// (also when an ambiguous earlier attempt of ours created it), false when another lease
+    /// holds it.
+    async fn create_owned(&self, key: &str, value: bytes::Bytes, lease: LeaseId) -> Result<bool> {
+        match self.store.create(key, value, Some(lease)).await {
             Ok(_) => Ok(true),
-            Err(MetaError::AlreadyExists(_)) => Ok(false),
+            Err(MetaError::AlreadyExists(_)) | Err(MetaError::Ambiguous(_)) => Ok(self
+                .store
+                .get(key)
+                .await?
+                .is_some_and(|kv| kv.lease == lease)),
             Err(e) => Err(e),
         }
+    }
+
+    /// Takes the ledger's lock for `owner` under `lease`; false when someone else holds it.
+    pub async fn try_lock(&self, ledger: u64, owner: &str, lease: LeaseId) -> Result<bool> {
+        self.create_owned(
+            &lock_key(ledger),
+            encode(LOCK_MAGIC, VERSION, &owner),
+            lease,
+        )
+        .await
     }
 
     /// Who holds the ledger's lock, if anyone.
@@ -184,10 +209,20 @@ impl ReplicationStore {
         }
     }
 
-    pub async fn unlock(&self, ledger: u64) -> Result<()> {
-        match self.store.delete(&lock_key(ledger), None).await {
-            Ok(()) | Err(MetaError::NotFound(_)) => Ok(()),
-            Err(e) => Err(e),
+    /// Releases the ledger's lock if `lease` still holds it (a lock that expired and was taken
+    /// by another worker is left alone).
+    pub async fn unlock(&self, ledger: u64, lease: LeaseId) -> Result<()> {
+        let key = lock_key(ledger);
+        match self.store.get(&key).await? {
+            Some(kv) if kv.lease == lease => {
+                match self.store.delete(&key, Some(kv.version)).await {
+                    Ok(()) | Err(MetaError::NotFound(_)) | Err(MetaError::BadVersion { .. }) => {
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            _ => Ok(()),
         }
     }
 
@@ -219,15 +254,8 @@ impl ReplicationStore {
             last_replica_check_ms: 0,
             last_placement_check_ms: 0,
         };
-        match self
-            .store
-            .create(AUDITOR, encode(AUDITOR_MAGIC, VERSION, &info), Some(lease))
+        self.create_owned(AUDITOR, encode(AUDITOR_MAGIC, VERSION, &info), lease)
             .await
-        {
-            Ok(_) => Ok(true),
-            Err(MetaError::AlreadyExists(_)) => Ok(false),
-            Err(e) => Err(e),
-        }
     }
 
     /// The active auditor, if any.
@@ -356,11 +384,20 @@ mod tests {
         assert!(r.try_lock(7, "w1", l1).await.unwrap());
         assert!(!r.try_lock(7, "w2", l2).await.unwrap());
         assert_eq!(r.lock_owner(7).await.unwrap().as_deref(), Some("w1"));
+        assert!(r.try_lock(7, "w1", l1).await.unwrap(), "held by us already");
+        r.unlock(7, l2).await.unwrap();
+        assert_eq!(
+            r.lock_owner(7).await.unwrap().as_deref(),
+            Some("w1"),
+            "only the holder unlocks"
+        );
         store.revoke_lease(l1).await.unwrap();
         assert!(
             r.try_lock(7, "w2", l2).await.unwrap(),
             "a dead worker's lock goes with its session"
         );
+        r.unlock(7, l2).await.unwrap();
+        assert_eq!(r.lock_owner(7).await.unwrap(), None);
         r.mark(7, &["b3".into()]).await.unwrap();
         assert!(matches!(
             r.mark_replicated(7, m.version).await,
