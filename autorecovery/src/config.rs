@@ -24,7 +24,8 @@ pub struct AutoRecoveryConfig {
     #[serde(with = "ms")]
     pub bookie_check_interval: Duration,
     /// Replica check of closed ledgers: every entry on every bookie of its write set
-    /// (`auditorPeriodicCheckInterval`). 0 turns it off. Default: 1 day.
+    /// (`auditorPeriodicCheckInterval`; it reads every replica, so it is rare). 0 turns it off.
+    /// Default: 1 week, as BookKeeper's.
     #[serde(with = "ms")]
     pub replica_check_interval: Duration,
     /// Percentage of closed ledgers each replica check reads (picked at random). Default: 100.
@@ -58,7 +59,7 @@ impl Default for AutoRecoveryConfig {
             worker: true,
             lost_bookie_recovery_delay: Duration::from_secs(30),
             bookie_check_interval: Duration::from_secs(3600),
-            replica_check_interval: Duration::from_secs(86_400),
+            replica_check_interval: Duration::from_secs(7 * 86_400),
             replica_check_percent: 100,
             placement_check_interval: Duration::from_secs(86_400),
             open_ledger_grace: Duration::from_secs(30),

@@ -23,6 +23,12 @@ struct Cluster {
 
 impl Cluster {
     async fn start(n: usize) -> Cluster {
+        Self::start_zoned(&vec![None; n]).await
+    }
+
+    /// One bookie per entry of `zones`, with that zone label.
+    async fn start_zoned(zones: &[Option<&str>]) -> Cluster {
+        let n = zones.len();
         let dir = tempfile::tempdir().unwrap();
         let meta = quire_metadata::server::serve_embedded(
             "127.0.0.1:0".parse().unwrap(),
@@ -39,6 +45,7 @@ impl Cluster {
                 bookie_id: Some(format!("bookie-{i}")),
                 metadata: Some(uri.clone()),
                 session_timeout_ms: 2000,
+                zone: zones[i].map(String::from),
                 ..Default::default()
             };
             cfg.journal.dir = dir.path().join(format!("b{i}/journal"));
@@ -403,5 +410,104 @@ async fn a_standby_auditor_takes_over() {
     })
     .await;
     a2.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decommission_waits_for_an_open_ledgers_writer_instead_of_fencing_it() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let c = Cluster::start(4).await;
+    let client = c.client().await;
+    let w = write(&client, 20).await;
+    let leaving = client.metadata(w.id()).await.unwrap().value.ensembles[&0][0].clone();
+    let waiting = Arc::new(AtomicU64::new(0));
+    let task = {
+        let (store, client, leaving, waiting) = (
+            c.store.clone(),
+            client.clone(),
+            leaving.clone(),
+            waiting.clone(),
+        );
+        tokio::spawn(async move {
+            let opts = DecommissionOptions {
+                timeout: Duration::from_secs(60),
+                open_ledger_grace: Duration::from_millis(100),
+                throttle_bytes_per_sec: 0,
+            };
+            decommission::decommission(store, client, &leaving, opts, |_, n| {
+                waiting.fetch_max(n, Ordering::Relaxed);
+            })
+            .await
+        })
+    };
+    wait_for("the decommission to report the open ledger", || async {
+        waiting.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    // Well past the grace: the writer on the healthy, leaving bookie is not fenced.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 20..40 {
+        w.append(payload(w.id(), i)).await.unwrap();
+    }
+    assert!(
+        !task.is_finished(),
+        "it cannot finish while the ledger is open on the bookie"
+    );
+    w.close().await.unwrap();
+    let report = task.await.unwrap().unwrap();
+    assert_eq!((report.ledgers, report.ledgers_moved), (1, 1));
+    assert_restored(&client, &[w.id()], 40, &leaving).await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_auditor_counts_write_sets_that_break_the_zone_rules() {
+    let c = Cluster::start_zoned(&[Some("a"), Some("a"), Some("b"), Some("b")]).await;
+    let client = c.client().await;
+    let opts = CreateOptions {
+        ensemble: 2,
+        write_quorum: 2,
+        ack_quorum: 2,
+        ..Default::default()
+    };
+    let good = client.create(opts.clone()).await.unwrap();
+    let bad = client.create(opts).await.unwrap();
+    // Zone-aware placement spans both zones; then one ledger is moved onto zone a alone.
+    let g = client.metadata(good.id()).await.unwrap().value;
+    assert_ne!(
+        g.ensembles[&0][0].as_str() < "bookie-2",
+        g.ensembles[&0][1].as_str() < "bookie-2"
+    );
+    let v = client.metadata(bad.id()).await.unwrap();
+    let mut m = v.value.clone();
+    m.ensembles
+        .insert(0, vec!["bookie-0".into(), "bookie-1".into()]);
+    quire_metadata::ledgers::LedgerStore::new(c.store.clone())
+        .update(bad.id(), &m, v.version)
+        .await
+        .unwrap();
+    let cfg = AutoRecoveryConfig {
+        placement_check_interval: Duration::from_millis(500),
+        worker: false,
+        ..c.cfg("ar-1")
+    };
+    let ar = AutoRecovery::start(c.store.clone(), cfg).await.unwrap();
+    let repl = ReplicationStore::new(c.store.clone());
+    wait_for("a placement check", || async {
+        repl.auditor()
+            .await
+            .unwrap()
+            .is_some_and(|a| a.last_placement_check_ms > 0)
+    })
+    .await;
+    let a = repl.auditor().await.unwrap().unwrap();
+    assert_eq!(a.placement_violations, 1, "{a:?}");
+    assert!(
+        ar.metrics()
+            .render()
+            .contains("quire_autorecovery_placement_violations 1")
+    );
+    ar.stop().await;
     c.stop().await;
 }
