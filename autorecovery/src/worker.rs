@@ -1,16 +1,18 @@
 //! Replication workers: lock an under-replicated ledger, restore its lost replicas, release.
 //!
 //! For each fragment naming a bookie in the ledger's marker:
-//! - the bookie is gone (unregistered) or being decommissioned: pick a target by the placement
-//!   policy, copy the fragment's entries of that position to it, verify, and swap it into the
-//!   ensemble by CAS (an empty fragment is swapped without a copy);
-//! - the bookie is registered and staying (the replica check found entries it lacks): copy the
+//! - the bookie is gone (unregistered), read-only or being decommissioned: pick a target by the
+//!   placement policy, copy the fragment's entries of that position to it, verify, and swap it
+//!   into the ensemble by CAS (an empty fragment is swapped without a copy);
+//! - the bookie is writable and staying (the replica check found entries it lacks): copy the
 //!   entries it lacks back to it, ensemble unchanged.
 //!
 //! The last fragment of a ledger that is not closed belongs to its writer, whose ensemble change
-//! replaces a failed bookie. When that has not happened `open_ledger_grace` after the marker was
-//! made, the writer is taken for dead: the ledger is recovered (fenced and closed) with the
-//! master key kept in its metadata, and then repaired like any closed ledger.
+//! replaces a failed bookie. When a lost bookie is still there `open_ledger_grace` after it was
+//! marked, the writer is taken for dead: the ledger is recovered (fenced and closed) with the
+//! master key kept in its metadata, and then repaired like any closed ledger; it is fenced only
+//! when a bookie is free to take the lost position. A bookie that is up (leaving, read-only)
+//! never causes a fence: such a fragment waits for its writer to close the ledger.
 //!
 //! A marker is cleared by CAS on the version read before the work, so a ledger marked again
 //! meanwhile (another bookie lost) stays marked. Locks are ephemeral: a worker killed mid-copy
@@ -51,8 +53,8 @@ const PUBLISH_EVERY: Duration = Duration::from_secs(2);
 pub enum Outcome {
     /// Every lost replica is restored and the marker is cleared (or was already gone).
     Replicated { fragments: u64, stats: CopyStats },
-    /// Earlier fragments may be restored, but the open last fragment still names a lost bookie
-    /// and its writer has until `retry_at_ms` to replace it.
+    /// Earlier fragments may be restored, but the open last fragment still names a marked
+    /// bookie: its writer has until `retry_at_ms` to replace a lost one, or is waited for.
     Deferred { retry_at_ms: u64 },
     /// Another worker holds the ledger's lock.
     Locked,

@@ -6,8 +6,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+type Source = Box<dyn Fn() -> String + Send + Sync>;
+
 pub struct Metrics {
     registry: Registry,
+    sources: parking_lot::Mutex<Vec<Source>>,
     pub adds: Counter,
     pub add_errors: Counter,
     pub add_seconds: Histogram,
@@ -62,6 +65,7 @@ impl Metrics {
             read_only: Gauge::default(),
             ledgers: Gauge::default(),
             registry: Registry::default(),
+            sources: Default::default(),
         };
         r.register(
             "adds",
@@ -154,12 +158,45 @@ impl Metrics {
         Metrics { registry: r, ..m }
     }
 
-    /// The Prometheus text exposition.
+    /// Adds metrics rendered elsewhere in the process (autorecovery beside the bookie) to
+    /// `/metrics`: `source` returns an OpenMetrics text ending in `# EOF`.
+    pub fn add_source(&self, source: impl Fn() -> String + Send + Sync + 'static) {
+        self.sources.lock().push(Box::new(source));
+    }
+
+    /// The Prometheus text exposition: the bookie's metrics, then the added sources'.
     pub fn render(&self) -> String {
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
+        let sources = self.sources.lock();
+        if !sources.is_empty() {
+            // One exposition has one `# EOF`, at its end.
+            let mut body = out.strip_suffix("# EOF\n").unwrap_or(&out).to_string();
+            for source in sources.iter() {
+                let text = source();
+                body.push_str(text.strip_suffix("# EOF\n").unwrap_or(&text));
+            }
+            body.push_str("# EOF\n");
+            out = body;
+        }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn added_sources_join_one_exposition() {
+        let m = Metrics::new();
+        m.add_source(|| "# TYPE other_up gauge\nother_up 1\n# EOF\n".to_string());
+        let text = m.render();
+        assert!(text.contains("quire_bookie_adds_total"));
+        assert!(text.contains("other_up 1\n"));
+        assert_eq!(text.matches("# EOF").count(), 1);
+        assert!(text.ends_with("other_up 1\n# EOF\n"));
     }
 }

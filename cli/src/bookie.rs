@@ -330,7 +330,15 @@ pub async fn run(args: BookieArgs) -> anyhow::Result<()> {
         .await
         .context("starting the bookie")?;
     let autorecovery = match (autorecovery, uri) {
-        (Some(ar), Some(uri)) => Some(start_autorecovery(ar, &uri, running.bookie.id()).await?),
+        (Some(ar), Some(uri)) => {
+            let ar = start_autorecovery(ar, &uri, running.bookie.id()).await?;
+            let metrics = ar.metrics().clone();
+            running
+                .bookie
+                .metrics()
+                .add_source(move || metrics.render());
+            Some(ar)
+        }
         _ => None,
     };
     if let Some(p) = &args.addr_file {

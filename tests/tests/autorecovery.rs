@@ -750,6 +750,10 @@ async fn lost_bookie_is_restored_by_in_bookie_autorecovery() {
             affected.len()
         );
         assert_eq!(under_replicated(&last), 0, "{last}");
+        // The bookie's own /metrics carries its autorecovery's: the auditor's says so.
+        let ab = &c.bookies[c.bookie_index(&auditor)];
+        assert_eq!(ab.metric("quire_autorecovery_auditor_active"), Some(1.0));
+        assert!(ab.metric("quire_bookie_adds_total").is_some());
         // The dead bookie's worker leaves the list with its autorecovery session.
         wait_until(
             WAIT,
