@@ -221,7 +221,7 @@ async fn move_all(
             // A ledger created before the mark was seen, or whose marker a worker cleared
             // before a later fragment was added: marked again.
             repl.mark(n.id, &[bookie.to_string()]).await?;
-            match worker.process(n.id, session.lease()).await {
+            match worker.process(n.id, session).await {
                 Ok(Outcome::Replicated { fragments, stats }) if fragments > 0 => {
                     report.ledgers_moved += 1;
                     report.fragments_moved += fragments;

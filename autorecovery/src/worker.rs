@@ -27,10 +27,10 @@ use parking_lot::Mutex;
 use quire_ledger_client::admin::{self, CopyStats, CopyTo, Throttle};
 use quire_ledger_client::placement::choose_replacement;
 use quire_ledger_client::{Client, LedgerError, LedgerState};
+use quire_metadata::DynStore;
 use quire_metadata::bookies::BookieRegistry;
 use quire_metadata::replication::{ReplicationStore, WorkerInfo, now_ms};
 use quire_metadata::session::Session;
-use quire_metadata::{DynStore, LeaseId};
 use rand::seq::SliceRandom;
 use tokio::sync::watch;
 
@@ -98,13 +98,20 @@ impl Replicator {
         w
     }
 
-    /// Locks `ledger` under `lease`, replicates it, unlocks.
-    pub async fn process(&self, ledger: u64, lease: LeaseId) -> Result<Outcome> {
+    /// Locks `ledger` under `session`, replicates it, unlocks. The work stops if the session
+    /// is lost meanwhile (the lock may then be someone else's).
+    pub async fn process(&self, ledger: u64, session: &Session) -> Result<Outcome> {
+        let lease = session.lease();
         if !self.repl.try_lock(ledger, &self.cfg.id, lease).await? {
             return Ok(Outcome::Locked);
         }
         self.counters.lock().current_ledger = Some(ledger);
-        let r = self.replicate(ledger).await;
+        let r = tokio::select! {
+            r = self.replicate(ledger) => r,
+            _ = session.lost() => Err(Error::Timeout(format!(
+                "the session holding the lock of ledger {ledger} was lost"
+            ))),
+        };
         self.counters.lock().current_ledger = None;
         match &r {
             // Fragments are counted as they are done; a ledger only when it needed work.
@@ -377,7 +384,7 @@ pub async fn run(
                 if not_before.contains_key(&id) {
                     continue;
                 }
-                let r = worker.process(id, session.lease()).await;
+                let r = worker.process(id, &session).await;
                 if !matches!(r, Err(_) | Ok(Outcome::Locked)) {
                     failures.remove(&id);
                 }

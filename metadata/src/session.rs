@@ -2,8 +2,9 @@
 //! auditor and owner elections).
 //!
 //! A session sends a keep-alive every third of its TTL. When the store says the lease is gone
-//! (it expired while this process was paused or cut off), the session is *lost*: its ephemeral
-//! keys are gone too, and the owner must start a new session and re-create them.
+//! (it expired while this process was paused or cut off), or when no keep-alive has got through
+//! for a whole TTL (it may have expired), the session is *lost*: its ephemeral keys are gone or
+//! going, and the owner must stop relying on them, start a new session and re-create them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,16 +28,28 @@ impl Session {
         let s = store.clone();
         let task = tokio::spawn(async move {
             let period = ttl / 3;
+            // When the last keep-alive that succeeded was sent: the lease lives at most `ttl`
+            // past it.
+            let mut renewed = tokio::time::Instant::now();
             loop {
                 tokio::time::sleep(period).await;
+                let sent = tokio::time::Instant::now();
                 match s.keep_alive(lease).await {
-                    Ok(_) => {}
+                    Ok(_) => renewed = sent,
                     Err(MetaError::LeaseNotFound(_)) => {
                         tracing::warn!(lease, "session lost: its lease expired");
                         let _ = tx.send(true);
                         return;
                     }
-                    // Transient: keep trying until the lease is known to be gone.
+                    // Cut off from the store for a whole TTL: the lease may be gone, and with
+                    // it the keys and locks it held, so the owner must stop relying on them.
+                    Err(e) if renewed.elapsed() >= ttl => {
+                        tracing::warn!(lease, error = %e,
+                            "session lost: no keep-alive got through for a whole TTL");
+                        let _ = tx.send(true);
+                        return;
+                    }
+                    // Transient: keep trying.
                     Err(e) => tracing::warn!(lease, error = %e, "session keep-alive failed"),
                 }
             }
