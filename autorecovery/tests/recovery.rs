@@ -38,14 +38,14 @@ impl Cluster {
         .unwrap();
         let uri = format!("quire://{}", meta.addr);
         let mut bookies = Vec::new();
-        for i in 0..n {
+        for (i, zone) in zones.iter().enumerate() {
             let mut cfg = quire_bookie::BookieConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 http: "127.0.0.1:0".parse().unwrap(),
                 bookie_id: Some(format!("bookie-{i}")),
                 metadata: Some(uri.clone()),
                 session_timeout_ms: 2000,
-                zone: zones[i].map(String::from),
+                zone: zone.map(String::from),
                 ..Default::default()
             };
             cfg.journal.dir = dir.path().join(format!("b{i}/journal"));
