@@ -511,3 +511,35 @@ async fn the_auditor_counts_write_sets_that_break_the_zone_rules() {
     ar.stop().await;
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_striped_ledger_loses_a_bookie() {
+    // E > Qw: each bookie holds only some entries, so the copy goes entry by entry.
+    let mut c = Cluster::start(5).await;
+    let client = c.client().await;
+    let opts = CreateOptions {
+        ensemble: 4,
+        write_quorum: 2,
+        ack_quorum: 2,
+        ..Default::default()
+    };
+    let w = client.create(opts).await.unwrap();
+    for i in 0..90 {
+        w.append(payload(w.id(), i)).await.unwrap();
+    }
+    w.close().await.unwrap();
+    let victim = client.metadata(w.id()).await.unwrap().value.ensembles[&0][2].clone();
+    let vi: usize = victim.trim_start_matches("bookie-").parse().unwrap();
+    c.stop_bookie(vi).await;
+    let ar = AutoRecovery::start(c.store.clone(), c.cfg("ar-1"))
+        .await
+        .unwrap();
+    wait_for("the striped ledger to move off the lost bookie", || async {
+        let m = client.metadata(w.id()).await.unwrap().value;
+        m.ensembles.values().flatten().all(|b| *b != victim)
+    })
+    .await;
+    assert_restored(&client, &[w.id()], 90, &victim).await;
+    ar.stop().await;
+    c.stop().await;
+}

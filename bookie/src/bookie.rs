@@ -60,6 +60,11 @@ pub struct LacResult {
     pub timed_out: bool,
 }
 
+/// Entries one [`Bookie::read_range`] returns at most.
+pub const READ_ENTRIES_MAX: u32 = 1000;
+/// Bytes after which [`Bookie::read_range`] stops adding entries.
+pub const READ_BYTES_MAX: u64 = 8 << 20;
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BookieInfo {
     pub bookie_id: String,
@@ -557,6 +562,40 @@ impl Bookie {
     }
 
     /// The ledger's LAC; with `timeout`, waits until it passes `previous` first.
+    /// Consecutive entries from `first` on: at most `max_entries` (at most
+    /// [`READ_ENTRIES_MAX`]), and no more once `max_bytes` (at most [`READ_BYTES_MAX`]) are
+    /// gathered, though the first always comes back. Stops before the first entry this bookie
+    /// does not hold; fails like [`Bookie::read`] when it lacks `first`. Returns the bodies and
+    /// the LAC.
+    pub async fn read_range(
+        self: &Arc<Self>,
+        ledger_id: u64,
+        first: u64,
+        max_entries: u32,
+        max_bytes: u64,
+    ) -> Result<(Vec<Bytes>, i64)> {
+        let first = i64::try_from(first)
+            .map_err(|_| BookieError::BadRequest(format!("entry id {first} is out of range")))?;
+        let max_entries = max_entries.clamp(1, READ_ENTRIES_MAX) as i64;
+        let max_bytes = max_bytes.min(READ_BYTES_MAX);
+        let (mut bodies, mut bytes, mut lac) = (Vec::new(), 0u64, -1);
+        for entry in first..first.saturating_add(max_entries) {
+            match self.read(ledger_id, entry, None).await {
+                Ok(r) => {
+                    bytes += r.body.len() as u64;
+                    lac = r.lac;
+                    bodies.push(r.body);
+                    if bytes >= max_bytes {
+                        break;
+                    }
+                }
+                Err(e) if bodies.is_empty() => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok((bodies, lac))
+    }
+
     pub async fn read_lac(
         self: &Arc<Self>,
         ledger_id: u64,
@@ -922,6 +961,40 @@ mod tests {
         assert!(matches!(
             b.read(1, 21, None).await,
             Err(BookieError::NoSuchEntry(1, 21))
+        ));
+        b.shutdown();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn range_reads_stop_at_limits_and_gaps() {
+        let t = tempfile::tempdir().unwrap();
+        let b = Bookie::open(config(t.path())).unwrap();
+        for e in (0..10).chain(11..15) {
+            add(&b, 4, e, b"k", false).await.unwrap();
+        }
+        let (bodies, lac) = b.read_range(4, 2, 100, u64::MAX).await.unwrap();
+        assert_eq!(bodies.len(), 8, "entries 2..=9, then the gap at 10");
+        for (i, body) in bodies.iter().enumerate() {
+            assert_eq!(*body, super::tests::body(4, 2 + i as u64, 3000));
+        }
+        assert_eq!(lac, 13, "the bookie's LAC: entry 14 carried 13");
+        assert_eq!(b.read_range(4, 0, 3, u64::MAX).await.unwrap().0.len(), 3);
+        // 3000-byte payloads: the byte limit stops after the entry that reaches it; the first
+        // entry comes back even over the limit.
+        assert_eq!(b.read_range(4, 0, 100, 6000).await.unwrap().0.len(), 2);
+        assert_eq!(b.read_range(4, 0, 100, 1).await.unwrap().0.len(), 1);
+        assert_eq!(b.read_range(4, 11, 100, u64::MAX).await.unwrap().0.len(), 4);
+        assert!(matches!(
+            b.read_range(4, 10, 100, u64::MAX).await,
+            Err(BookieError::NoSuchEntry(4, 10))
+        ));
+        assert!(matches!(
+            b.read_range(5, 0, 100, u64::MAX).await,
+            Err(BookieError::NoSuchLedger(5))
+        ));
+        assert!(matches!(
+            b.read_range(4, u64::MAX, 1, 1).await,
+            Err(BookieError::BadRequest(_))
         ));
         b.shutdown();
     }

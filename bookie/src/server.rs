@@ -190,6 +190,19 @@ impl BookieApi for BookieService {
         }))
     }
 
+    async fn read_entries(
+        &self,
+        request: Request<pb::ReadEntriesRequest>,
+    ) -> Result<Response<pb::ReadEntriesResponse>, Status> {
+        let r = request.into_inner();
+        let (bodies, lac) = self
+            .bookie
+            .read_range(r.ledger_id, r.first_entry_id, r.max_entries, r.max_bytes)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(pb::ReadEntriesResponse { bodies, lac }))
+    }
+
     async fn read_lac(
         &self,
         request: Request<pb::ReadLacRequest>,

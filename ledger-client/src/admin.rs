@@ -31,6 +31,12 @@ use crate::writer::{CasError, cas};
 
 /// Entries copied at once by one fragment copy at most.
 const COPY_PARALLELISM: usize = 256;
+/// Entries one range read of a copy asks for (when every bookie holds every entry, E = Qw).
+const CHUNK_ENTRIES: u64 = 256;
+/// Bytes one range read asks for at most (the bookie returns one entry past it at most).
+const CHUNK_BYTES: u64 = 4 << 20;
+/// Range copies in flight at once.
+const CHUNKS_IN_FLIGHT: usize = 4;
 /// Entry bytes a fragment copy aims to hold at once: the window shrinks for large entries.
 /// (Measured: a window of 64 -> 256 raised the copy rate of 16 KiB entries from 43 to 69 MB/s.)
 const COPY_BYTES: u64 = 16 << 20;
@@ -225,10 +231,90 @@ impl Client {
         };
         let mut stats = CopyStats::default();
         let (mut first, mut last) = (None, None);
+        if e == qw && !only_missing && !entries.is_empty() {
+            // Every bookie of the ensemble holds every entry: copy ranges, each read in one
+            // call. Bounded: CHUNKS_IN_FLIGHT ranges of about CHUNK_BYTES each.
+            let mut sources: Vec<&str> = (0..e)
+                .filter(|p| *p != pos)
+                .map(|p| frag.ensemble[p].as_str())
+                .collect();
+            if frag.ensemble[pos] != target {
+                sources.push(frag.ensemble[pos].as_str());
+            }
+            let copy_range = |start: u64, end: u64| {
+                let (key, sources) = (key.clone(), &sources);
+                async move {
+                    let mut s = CopyStats::default();
+                    let mut next = start;
+                    while next <= end {
+                        let want = (end - next + 1).min(CHUNK_ENTRIES) as u32;
+                        let mut bodies = Vec::new();
+                        for b in sources.iter() {
+                            let Ok(got) = shared
+                                .pool
+                                .read_entries(b, id, next, want, CHUNK_BYTES)
+                                .await
+                            else {
+                                continue;
+                            };
+                            // The intact prefix (each body checked against its digest and ids).
+                            bodies = got
+                                .into_iter()
+                                .enumerate()
+                                .take_while(|(i, body)| {
+                                    entry::decode(body).is_ok_and(|(h, _)| {
+                                        h.ledger_id == id && h.entry_id == next + *i as u64
+                                    })
+                                })
+                                .map(|(_, body)| body)
+                                .collect();
+                            if !bodies.is_empty() {
+                                break;
+                            }
+                        }
+                        if bodies.is_empty() {
+                            // No source serves `next` in a range: entry by entry, which
+                            // names what is wrong where.
+                            if let Some(len) = copy_one(next).await? {
+                                s.entries += 1;
+                                s.bytes += len;
+                            }
+                            next += 1;
+                            continue;
+                        }
+                        let len: u64 = bodies.iter().map(|b| b.len() as u64).sum();
+                        if let Some(t) = throttle {
+                            t.acquire(len as usize).await;
+                        }
+                        let n = bodies.len() as u64;
+                        add_recovery_all(shared, target, id, next, &key, bodies).await?;
+                        s.entries += n;
+                        s.bytes += len;
+                        next += n;
+                    }
+                    Ok::<_, LedgerError>(s)
+                }
+            };
+            let ranges = (frag.first..=frag.last as u64)
+                .step_by(CHUNK_ENTRIES as usize)
+                .map(|a| (a, (a + CHUNK_ENTRIES - 1).min(frag.last as u64)));
+            let mut done = futures::stream::iter(ranges)
+                .map(|(a, b)| copy_range(a, b))
+                .buffered(CHUNKS_IN_FLIGHT);
+            while let Some(r) = done.next().await {
+                let r = r?;
+                stats.entries += r.entries;
+                stats.bytes += r.bytes;
+            }
+            first = Some(frag.first);
+            last = Some(frag.last as u64);
+        }
         // The window follows the largest entry seen, so about COPY_BYTES are held at once
         // (more only while copies started before a sudden larger entry finish).
         let mut largest = initial_entry_estimate(meta);
-        let mut todo = entries.iter().copied();
+        // (Nothing left when the ranges above copied the fragment.)
+        let ranged = first.is_some();
+        let mut todo = entries.iter().copied().filter(|_| !ranged);
         let mut running = futures::stream::FuturesUnordered::new();
         loop {
             while running.len() < window_for(largest) {
@@ -340,6 +426,50 @@ async fn read_verified(shared: &Shared, bookie: &str, id: u64, entry_id: u64) ->
             format!("{bookie}: {e}"),
         )),
     }
+}
+
+/// Recovery adds of consecutive stored bodies (entries `first`, `first` + 1, ...) to `bookie`;
+/// fails if any of them fails.
+async fn add_recovery_all(
+    shared: &Shared,
+    bookie: &str,
+    id: u64,
+    first: u64,
+    master_key: &Bytes,
+    bodies: Vec<Bytes>,
+) -> Result<()> {
+    let n = bodies.len();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let adds = bodies
+        .into_iter()
+        .enumerate()
+        .map(|(i, body)| pb::AddEntry {
+            ledger_id: id,
+            entry_id: first + i as u64,
+            master_key: master_key.clone(),
+            recovery: true,
+            body,
+        })
+        .collect();
+    shared.pool.send_adds(bookie, adds, &tx).await;
+    drop(tx);
+    for _ in 0..n {
+        // The pool answers every add exactly once, failing it after the add timeout at the
+        // latest.
+        match rx.recv().await {
+            Some(r) => r.result.map_err(|e| LedgerError::Bookie {
+                bookie: bookie.to_string(),
+                code: e.code,
+                message: e.message,
+            })?,
+            None => {
+                return Err(LedgerError::WriterStopped(
+                    "the bookie pool shut down".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A recovery add of a stored body (header and digest as the writer made them) to `bookie`.

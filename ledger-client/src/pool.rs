@@ -478,6 +478,28 @@ impl BookiePool {
         .await
     }
 
+    /// Consecutive entries from `first` on, in one call (see the bookie's `ReadEntries`).
+    pub async fn read_entries(
+        &self,
+        bookie: &str,
+        ledger_id: u64,
+        first: u64,
+        max_entries: u32,
+        max_bytes: u64,
+    ) -> Result<Vec<Bytes>, CallError> {
+        self.unary(bookie, |mut c| async move {
+            c.read_entries(pb::ReadEntriesRequest {
+                ledger_id,
+                first_entry_id: first,
+                max_entries,
+                max_bytes,
+            })
+            .await
+        })
+        .await
+        .map(|r| r.bodies)
+    }
+
     /// A bookie's LAC of a ledger; with `wait`, long-polls until it passes `previous`.
     pub async fn read_lac(
         &self,
