@@ -3,7 +3,9 @@
 //!
 //! A read goes to the first bookie of the entry's write set; a failed, missing or corrupt answer
 //! (digest checked here, end to end) moves on to the next replica at once, and a replica silent
-//! for `speculative_read` gets company from the next one. The first good copy wins.
+//! for `speculative_read` gets company from the next one. The first good copy wins. Ranges of a
+//! fragment whose every replica holds every entry (E = Qw) are read as runs, many entries per
+//! call; whatever a run cannot serve falls back to the entry-by-entry path.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -21,8 +23,12 @@ use crate::error::{LedgerError, Result};
 
 /// Entries one read call may return at most.
 pub const READ_BATCH_MAX: u64 = 10_000;
-/// Entries read at once by a range read.
+/// Entries read at once by a range read that goes entry by entry.
 const READ_PARALLELISM: usize = 16;
+/// Entries one run read (bookie `ReadEntries`) asks for.
+const RUN_ENTRIES_MAX: u64 = 1000;
+/// Bytes one run read asks for at most (the bookie may return one entry past it).
+const RUN_BYTES_MAX: u64 = 4 << 20;
 /// Longest long poll (bookies cap it at 60 s too).
 const LONG_POLL_MAX: Duration = Duration::from_secs(60);
 /// Long-poll length of a tail between metadata checks.
@@ -143,13 +149,89 @@ impl LedgerReader {
     }
 
     async fn read_range(&self, first: u64, last: u64) -> Result<Vec<Entry>> {
-        futures::stream::iter(first..=last)
-            .map(|e| self.read_entry(e))
-            .buffered(READ_PARALLELISM)
-            .collect::<Vec<_>>()
+        let mut out = Vec::new();
+        let mut next = first;
+        // Replicas that failed a run read: not asked again by this call.
+        let mut skip: Vec<String> = Vec::new();
+        while next <= last {
+            // With E = Qw every replica of a fragment holds all of its entries, so one call
+            // returns a run of them. Otherwise, or when no replica serves a run, the rest goes
+            // entry by entry (speculative reads, metadata refresh, precise errors).
+            let Some((replicas, end)) = self.run_replicas(next, last) else {
+                break;
+            };
+            let want = (end - next + 1).min(RUN_ENTRIES_MAX) as u32;
+            let mut got = Vec::new();
+            for b in replicas {
+                if skip.contains(&b) {
+                    continue;
+                }
+                match self.read_run(&b, next, want).await {
+                    Some(run) => {
+                        got = run;
+                        break;
+                    }
+                    None => skip.push(b),
+                }
+            }
+            if got.is_empty() {
+                out.push(self.read_entry(next).await?);
+                next += 1;
+            } else {
+                next += got.len() as u64;
+                out.extend(got);
+            }
+        }
+        if next <= last {
+            let rest: Vec<Result<Entry>> = futures::stream::iter(next..=last)
+                .map(|e| self.read_entry(e))
+                .buffered(READ_PARALLELISM)
+                .collect()
+                .await;
+            for e in rest {
+                out.push(e?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// For a run read from `next`: the replicas in their read order and the last entry of the
+    /// run (its fragment's end, at most `last`); `None` when the fragment is striped (E > Qw).
+    fn run_replicas(&self, next: u64, last: u64) -> Option<(Vec<String>, u64)> {
+        let meta = self.inner.meta.read();
+        if meta.ensemble_size != meta.write_quorum {
+            return None;
+        }
+        let end = match meta.ensembles.range(next + 1..).next() {
+            Some((start, _)) => (*start - 1).min(last),
+            None => last,
+        };
+        let replicas = meta.write_set(next).into_iter().map(String::from).collect();
+        Some((replicas, end))
+    }
+
+    /// Up to `want` entries from `next` on from `bookie`, in one call: the prefix that passes
+    /// the digest and id checks; `None` when the bookie fails or serves none of them.
+    async fn read_run(&self, bookie: &str, next: u64, want: u32) -> Option<Vec<Entry>> {
+        let id = self.inner.id;
+        let bodies = self
+            .inner
+            .shared
+            .pool
+            .read_entries(bookie, id, next, want, RUN_BYTES_MAX)
             .await
-            .into_iter()
-            .collect()
+            .ok()?;
+        let mut run = Vec::with_capacity(bodies.len());
+        for (i, body) in bodies.iter().enumerate() {
+            let entry_id = next + i as u64;
+            match entry::decode(body) {
+                Ok((h, payload)) if h.ledger_id == id && h.entry_id == entry_id => {
+                    run.push(Entry { entry_id, payload })
+                }
+                _ => break,
+            }
+        }
+        (!run.is_empty()).then_some(run)
     }
 
     fn replicas(&self, entry_id: u64) -> Vec<String> {
