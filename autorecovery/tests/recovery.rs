@@ -8,98 +8,27 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use quire_autorecovery::decommission::{self, DecommissionOptions};
 use quire_autorecovery::{AutoRecovery, AutoRecoveryConfig, Error};
+use quire_bookie::testkit::Cluster;
 use quire_ledger_client::{Client, ClientConfig, CreateOptions, LedgerState};
-use quire_metadata::DynStore;
-use quire_metadata::bookies::BookieRegistry;
 use quire_metadata::replication::ReplicationStore;
 
-struct Cluster {
-    _dir: tempfile::TempDir,
-    meta: Option<quire_metadata::server::MetadataServerHandle>,
-    uri: String,
-    store: DynStore,
-    bookies: Vec<Option<quire_bookie::Running>>,
+async fn connect(c: &Cluster) -> Client {
+    let mut cfg = ClientConfig::new(c.uri.clone());
+    cfg.add_timeout = Duration::from_secs(2);
+    cfg.explicit_lac_interval = Some(Duration::from_millis(100));
+    Client::connect(cfg).await.unwrap()
 }
 
-impl Cluster {
-    async fn start(n: usize) -> Cluster {
-        Self::start_zoned(&vec![None; n]).await
-    }
-
-    /// One bookie per entry of `zones`, with that zone label.
-    async fn start_zoned(zones: &[Option<&str>]) -> Cluster {
-        let n = zones.len();
-        let dir = tempfile::tempdir().unwrap();
-        let meta = quire_metadata::server::serve_embedded(
-            "127.0.0.1:0".parse().unwrap(),
-            dir.path().join("meta"),
-        )
-        .await
-        .unwrap();
-        let uri = format!("quire://{}", meta.addr);
-        let mut bookies = Vec::new();
-        for (i, zone) in zones.iter().enumerate() {
-            let mut cfg = quire_bookie::BookieConfig {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                http: "127.0.0.1:0".parse().unwrap(),
-                bookie_id: Some(format!("bookie-{i}")),
-                metadata: Some(uri.clone()),
-                session_timeout_ms: 2000,
-                zone: zone.map(String::from),
-                ..Default::default()
-            };
-            cfg.journal.dir = dir.path().join(format!("b{i}/journal"));
-            cfg.storage.ledger_dirs = vec![dir.path().join(format!("b{i}/ledgers"))];
-            bookies.push(Some(quire_bookie::start(cfg).await.unwrap()));
-        }
-        let store = quire_metadata::connect(&uri).await.unwrap();
-        let c = Cluster {
-            _dir: dir,
-            meta: Some(meta),
-            uri,
-            store,
-            bookies,
-        };
-        let reg = BookieRegistry::new(c.store.clone());
-        wait_for("bookies to register", || async {
-            reg.writable().await.unwrap().len() == n
-        })
-        .await;
-        c
-    }
-
-    async fn client(&self) -> Client {
-        let mut cfg = ClientConfig::new(self.uri.clone());
-        cfg.add_timeout = Duration::from_secs(2);
-        cfg.explicit_lac_interval = Some(Duration::from_millis(100));
-        Client::connect(cfg).await.unwrap()
-    }
-
-    fn cfg(&self, id: &str) -> AutoRecoveryConfig {
-        AutoRecoveryConfig {
-            id: id.into(),
-            lost_bookie_recovery_delay: Duration::ZERO,
-            session_timeout: Duration::from_secs(2),
-            worker_poll_interval: Duration::from_millis(200),
-            open_ledger_grace: Duration::from_secs(1),
-            throttle_bytes_per_sec: 0,
-            ..Default::default()
-        }
-    }
-
-    async fn stop_bookie(&mut self, i: usize) {
-        if let Some(b) = self.bookies[i].take() {
-            b.stop().await;
-        }
-    }
-
-    async fn stop(mut self) {
-        for b in self.bookies.iter_mut().filter_map(Option::take) {
-            b.stop().await;
-        }
-        if let Some(m) = self.meta.take() {
-            m.stop().await;
-        }
+/// Autorecovery `id` for tests: no delay, short sessions and grace, no throttle.
+fn cfg(id: &str) -> AutoRecoveryConfig {
+    AutoRecoveryConfig {
+        id: id.into(),
+        lost_bookie_recovery_delay: Duration::ZERO,
+        session_timeout: Duration::from_secs(2),
+        worker_poll_interval: Duration::from_millis(200),
+        open_ledger_grace: Duration::from_secs(1),
+        throttle_bytes_per_sec: 0,
+        ..Default::default()
     }
 }
 
@@ -153,7 +82,7 @@ async fn assert_restored(client: &Client, ids: &[u64], n: u64, dead: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_bookie_is_replaced_in_every_ledger() {
     let mut c = Cluster::start(4).await;
-    let client = c.client().await;
+    let client = connect(&c).await;
     let mut ids = Vec::new();
     for _ in 0..3 {
         let w = write(&client, 120).await;
@@ -163,10 +92,9 @@ async fn a_lost_bookie_is_replaced_in_every_ledger() {
     // One open ledger, written across the loss, so its writer changes ensemble itself.
     let open = write(&client, 60).await;
     let victim = client.metadata(ids[0]).await.unwrap().value.ensembles[&0][0].clone();
-    let vi: usize = victim.trim_start_matches("bookie-").parse().unwrap();
-    c.stop_bookie(vi).await;
+    c.stop_bookie(&victim).await;
 
-    let ar = AutoRecovery::start(c.store.clone(), c.cfg("ar-1"))
+    let ar = AutoRecovery::start(c.store.clone(), cfg("ar-1"))
         .await
         .unwrap();
     for i in 60..120 {
@@ -215,12 +143,11 @@ async fn a_lost_bookie_is_replaced_in_every_ledger() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_open_ledger_on_a_lost_bookie_is_recovered_after_the_grace() {
     let mut c = Cluster::start(4).await;
-    let client = c.client().await;
+    let client = connect(&c).await;
     let w = write(&client, 50).await;
     let victim = client.metadata(w.id()).await.unwrap().value.ensembles[&0][1].clone();
-    let vi: usize = victim.trim_start_matches("bookie-").parse().unwrap();
-    c.stop_bookie(vi).await;
-    let ar = AutoRecovery::start(c.store.clone(), c.cfg("ar-1"))
+    c.stop_bookie(&victim).await;
+    let ar = AutoRecovery::start(c.store.clone(), cfg("ar-1"))
         .await
         .unwrap();
     wait_for("the idle ledger to be recovered and moved", || async {
@@ -241,23 +168,17 @@ async fn an_idle_open_ledger_on_a_lost_bookie_is_recovered_after_the_grace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_replica_check_puts_back_lost_copies_in_place() {
     let c = Cluster::start(3).await;
-    let client = c.client().await;
+    let client = connect(&c).await;
     let w = write(&client, 100).await;
     w.close().await.unwrap();
     let id = w.id();
     // One bookie loses the ledger (a disk replaced, say) but stays up.
-    c.bookies[2]
-        .as_ref()
-        .unwrap()
-        .bookie
-        .delete(id)
-        .await
-        .unwrap();
+    c.bookie("bookie-2").bookie.delete(id).await.unwrap();
     let before = client.check(id).await.unwrap();
     assert_eq!(before.issues_total, 100, "{:?}", &before.issues[..3]);
     let cfg = AutoRecoveryConfig {
         replica_check_interval: Duration::from_secs(1),
-        ..c.cfg("ar-1")
+        ..cfg("ar-1")
     };
     let ar = AutoRecovery::start(c.store.clone(), cfg).await.unwrap();
     wait_for("the lost copies to be back", || async {
@@ -277,7 +198,7 @@ async fn the_replica_check_puts_back_lost_copies_in_place() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decommission_moves_every_replica_while_reads_go_on() {
     let c = Cluster::start(4).await;
-    let client = c.client().await;
+    let client = connect(&c).await;
     let mut ids = Vec::new();
     for _ in 0..4 {
         let w = write(&client, 80).await;
@@ -339,7 +260,7 @@ async fn decommission_moves_every_replica_while_reads_go_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decommission_refuses_what_it_cannot_do_and_changes_nothing() {
     let c = Cluster::start(3).await;
-    let client = c.client().await;
+    let client = connect(&c).await;
     let w = write(&client, 10).await;
     w.close().await.unwrap();
     let opts = DecommissionOptions {
@@ -381,9 +302,9 @@ async fn decommission_refuses_what_it_cannot_do_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_auditor_takes_over() {
     let c = Cluster::start(3).await;
-    let mut cfg1 = c.cfg("ar-1");
+    let mut cfg1 = cfg("ar-1");
     cfg1.worker = false;
-    let mut cfg2 = c.cfg("ar-2");
+    let mut cfg2 = cfg("ar-2");
     cfg2.worker = false;
     let a1 = AutoRecovery::start(c.store.clone(), cfg1).await.unwrap();
     let repl = ReplicationStore::new(c.store.clone());
@@ -418,7 +339,7 @@ async fn decommission_waits_for_an_open_ledgers_writer_instead_of_fencing_it() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
     let c = Cluster::start(4).await;
-    let client = c.client().await;
+    let client = connect(&c).await;
     let w = write(&client, 20).await;
     let leaving = client.metadata(w.id()).await.unwrap().value.ensembles[&0][0].clone();
     let waiting = Arc::new(AtomicU64::new(0));
@@ -464,7 +385,7 @@ async fn decommission_waits_for_an_open_ledgers_writer_instead_of_fencing_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_auditor_counts_write_sets_that_break_the_zone_rules() {
     let c = Cluster::start_zoned(&[Some("a"), Some("a"), Some("b"), Some("b")]).await;
-    let client = c.client().await;
+    let client = connect(&c).await;
     let opts = CreateOptions {
         ensemble: 2,
         write_quorum: 2,
@@ -490,7 +411,7 @@ async fn the_auditor_counts_write_sets_that_break_the_zone_rules() {
     let cfg = AutoRecoveryConfig {
         placement_check_interval: Duration::from_millis(500),
         worker: false,
-        ..c.cfg("ar-1")
+        ..cfg("ar-1")
     };
     let ar = AutoRecovery::start(c.store.clone(), cfg).await.unwrap();
     let repl = ReplicationStore::new(c.store.clone());
@@ -516,7 +437,7 @@ async fn the_auditor_counts_write_sets_that_break_the_zone_rules() {
 async fn a_striped_ledger_loses_a_bookie() {
     // E > Qw: each bookie holds only some entries, so the copy goes entry by entry.
     let mut c = Cluster::start(5).await;
-    let client = c.client().await;
+    let client = connect(&c).await;
     let opts = CreateOptions {
         ensemble: 4,
         write_quorum: 2,
@@ -529,9 +450,8 @@ async fn a_striped_ledger_loses_a_bookie() {
     }
     w.close().await.unwrap();
     let victim = client.metadata(w.id()).await.unwrap().value.ensembles[&0][2].clone();
-    let vi: usize = victim.trim_start_matches("bookie-").parse().unwrap();
-    c.stop_bookie(vi).await;
-    let ar = AutoRecovery::start(c.store.clone(), c.cfg("ar-1"))
+    c.stop_bookie(&victim).await;
+    let ar = AutoRecovery::start(c.store.clone(), cfg("ar-1"))
         .await
         .unwrap();
     wait_for("the striped ledger to move off the lost bookie", || async {

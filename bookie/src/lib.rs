@@ -19,6 +19,8 @@ pub mod metrics;
 pub mod registration;
 pub mod server;
 pub mod storage;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use bookie::Bookie;
 pub use config::BookieConfig;

@@ -225,7 +225,7 @@ impl Client {
                     t.acquire(body.len()).await;
                 }
                 let len = body.len() as u64;
-                add_recovery(shared, target, id, entry_id, key, body).await?;
+                add_recovery(shared, target, id, entry_id, &key, vec![body]).await?;
                 Ok(Some(len))
             }
         };
@@ -287,7 +287,7 @@ impl Client {
                             t.acquire(len as usize).await;
                         }
                         let n = bodies.len() as u64;
-                        add_recovery_all(shared, target, id, next, &key, bodies).await?;
+                        add_recovery(shared, target, id, next, &key, bodies).await?;
                         s.entries += n;
                         s.bytes += len;
                         next += n;
@@ -428,9 +428,9 @@ async fn read_verified(shared: &Shared, bookie: &str, id: u64, entry_id: u64) ->
     }
 }
 
-/// Recovery adds of consecutive stored bodies (entries `first`, `first` + 1, ...) to `bookie`;
-/// fails if any of them fails.
-async fn add_recovery_all(
+/// Recovery adds of consecutive stored bodies (entries `first`, `first` + 1, ...; header and
+/// digest as the writer made them) to `bookie`; fails if any of them fails.
+async fn add_recovery(
     shared: &Shared,
     bookie: &str,
     id: u64,
@@ -470,37 +470,6 @@ async fn add_recovery_all(
         }
     }
     Ok(())
-}
-
-/// A recovery add of a stored body (header and digest as the writer made them) to `bookie`.
-async fn add_recovery(
-    shared: &Shared,
-    bookie: &str,
-    id: u64,
-    entry_id: u64,
-    master_key: Bytes,
-    body: Bytes,
-) -> Result<()> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let add = pb::AddEntry {
-        ledger_id: id,
-        entry_id,
-        master_key,
-        recovery: true,
-        body,
-    };
-    shared.pool.send_add(bookie, add, tx).await;
-    // The pool answers every add exactly once, failing it after the add timeout at the latest.
-    match rx.recv().await {
-        Some(r) => r.result.map_err(|e| LedgerError::Bookie {
-            bookie: bookie.to_string(),
-            code: e.code,
-            message: e.message,
-        }),
-        None => Err(LedgerError::WriterStopped(
-            "the bookie pool shut down".into(),
-        )),
-    }
 }
 
 #[cfg(test)]
@@ -555,17 +524,28 @@ mod tests {
         assert_eq!(window_for(64 << 20), 1);
     }
 
-    #[tokio::test]
-    async fn throttle_never_exceeds_its_rate() {
+    // Virtual time: the clock only moves when every task waits, so this checks the throttle's
+    // arithmetic, not the machine's speed.
+    #[tokio::test(start_paused = true)]
+    async fn throttle_paces_bytes_at_its_rate() {
         let t = Throttle::new(100_000).unwrap();
         let start = Instant::now();
-        for _ in 0..10 {
+        for _ in 0..5 {
             t.acquire(20_000).await;
         }
-        // One second's worth may pass at once; the other 100 KB need at least a second more.
-        // (A lower bound only: the throttle may be slower on a loaded machine, never faster.)
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "one second's worth passes at once"
+        );
+        for _ in 0..5 {
+            t.acquire(20_000).await;
+        }
         let took = start.elapsed();
-        assert!(took >= Duration::from_millis(990), "{took:?}");
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_millis(1010),
+            "the next 100 KB take one second: {took:?}"
+        );
         assert!(Throttle::new(0).is_none());
     }
 }

@@ -6,84 +6,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use quire_bookie::testkit::Cluster;
 use quire_ledger_client::{Client, ClientConfig, CreateOptions, LedgerError, LedgerState};
-use quire_metadata::bookies::BookieRegistry;
 
-struct Cluster {
-    _dir: tempfile::TempDir,
-    meta: Option<quire_metadata::server::MetadataServerHandle>,
-    uri: String,
-    bookies: Vec<Option<quire_bookie::Running>>,
-}
-
-impl Cluster {
-    async fn start(n: usize) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = quire_metadata::server::serve_embedded(
-            "127.0.0.1:0".parse().unwrap(),
-            dir.path().join("meta"),
-        )
-        .await
-        .unwrap();
-        let uri = format!("quire://{}", meta.addr);
-        let mut bookies = Vec::new();
-        for i in 0..n {
-            let mut cfg = quire_bookie::BookieConfig {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                http: "127.0.0.1:0".parse().unwrap(),
-                bookie_id: Some(format!("bookie-{i}")),
-                metadata: Some(uri.clone()),
-                session_timeout_ms: 2000,
-                ..Default::default()
-            };
-            cfg.journal.dir = dir.path().join(format!("b{i}/journal"));
-            cfg.storage.ledger_dirs = vec![dir.path().join(format!("b{i}/ledgers"))];
-            bookies.push(Some(quire_bookie::start(cfg).await.unwrap()));
-        }
-        let c = Cluster {
-            _dir: dir,
-            meta: Some(meta),
-            uri,
-            bookies,
-        };
-        c.wait_writable(n).await;
-        c
-    }
-
-    async fn wait_writable(&self, n: usize) {
-        let store = quire_metadata::connect(&self.uri).await.unwrap();
-        let reg = BookieRegistry::new(store);
-        for _ in 0..200 {
-            if reg.writable().await.unwrap().len() == n {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("{n} bookies never registered");
-    }
-
-    async fn client(&self) -> Client {
-        let mut cfg = ClientConfig::new(self.uri.clone());
-        cfg.add_timeout = Duration::from_secs(2);
-        cfg.explicit_lac_interval = Some(Duration::from_millis(100));
-        Client::connect(cfg).await.unwrap()
-    }
-
-    async fn stop_bookie(&mut self, id: &str) {
-        let i: usize = id.trim_start_matches("bookie-").parse().unwrap();
-        if let Some(b) = self.bookies[i].take() {
-            b.stop().await;
-        }
-    }
-
-    async fn stop(mut self) {
-        for b in self.bookies.iter_mut().filter_map(Option::take) {
-            b.stop().await;
-        }
-        if let Some(m) = self.meta.take() {
-            m.stop().await;
-        }
-    }
+async fn connect(c: &Cluster) -> Client {
+    let mut cfg = ClientConfig::new(c.uri.clone());
+    cfg.add_timeout = Duration::from_secs(2);
+    cfg.explicit_lac_interval = Some(Duration::from_millis(100));
+    Client::connect(cfg).await.unwrap()
 }
 
 fn payload(i: u64) -> Bytes {
@@ -93,7 +23,7 @@ fn payload(i: u64) -> Bytes {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_close_read_back() {
     let c = Cluster::start(3).await;
-    let client = c.client().await;
+    let client = connect(&c).await;
     let w = client.create(CreateOptions::default()).await.unwrap();
     let mut futs = Vec::new();
     for i in 0..200u64 {
@@ -139,8 +69,8 @@ async fn write_close_read_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_fences_the_writer_and_keeps_every_acknowledged_entry() {
     let c = Cluster::start(3).await;
-    let a = c.client().await;
-    let b = c.client().await;
+    let a = connect(&c).await;
+    let b = connect(&c).await;
     let pw = b"secret".to_vec();
     let w = a
         .create(CreateOptions {
@@ -171,12 +101,12 @@ async fn recovery_fences_the_writer_and_keeps_every_acknowledged_entry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_recoveries_of_an_open_ledger_agree() {
     let c = Cluster::start(3).await;
-    let a = c.client().await;
+    let a = connect(&c).await;
     let w = a.create(CreateOptions::default()).await.unwrap();
     for i in 0..50 {
         w.append(payload(i)).await.unwrap();
     }
-    let (b1, b2) = (c.client().await, c.client().await);
+    let (b1, b2) = (connect(&c).await, connect(&c).await);
     let (x, y) = tokio::join!(b1.recover(w.id(), b""), b2.recover(w.id(), b""));
     let (x, y) = (x.unwrap().metadata(), y.unwrap().metadata());
     assert_eq!(x, y);
@@ -187,7 +117,7 @@ async fn racing_recoveries_of_an_open_ledger_agree() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_bookie_is_replaced_and_nothing_acknowledged_is_lost() {
     let mut c = Cluster::start(4).await;
-    let client = c.client().await;
+    let client = connect(&c).await;
     let w = client.create(CreateOptions::default()).await.unwrap();
     for i in 0..50 {
         w.append(payload(i)).await.unwrap();
@@ -222,7 +152,7 @@ async fn a_failed_bookie_is_replaced_and_nothing_acknowledged_is_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_spare_writes_go_on_with_the_ack_quorum() {
     let mut c = Cluster::start(3).await;
-    let client = c.client().await;
+    let client = connect(&c).await;
     let w = client.create(CreateOptions::default()).await.unwrap();
     for i in 0..10 {
         w.append(payload(i)).await.unwrap();
@@ -241,7 +171,7 @@ async fn without_a_spare_writes_go_on_with_the_ack_quorum() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn striped_ledger_survives_any_one_bookie_down() {
     let mut c = Cluster::start(5).await;
-    let client = c.client().await;
+    let client = connect(&c).await;
     let w = client
         .create(CreateOptions {
             ensemble: 5,
@@ -266,7 +196,7 @@ async fn striped_ledger_survives_any_one_bookie_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_follows_the_writer_and_ends_at_close() {
     let c = Cluster::start(3).await;
-    let client = c.client().await;
+    let client = connect(&c).await;
     let w = client.create(CreateOptions::default()).await.unwrap();
     let r = client.open(w.id(), b"").await.unwrap();
     let tail = tokio::spawn(async move {
@@ -299,7 +229,7 @@ async fn tail_follows_the_writer_and_ends_at_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_completes_while_another_task_keeps_appending() {
     let c = Cluster::start(3).await;
-    let client = c.client().await;
+    let client = connect(&c).await;
     let w = client.create(CreateOptions::default()).await.unwrap();
     let w2 = w.clone();
     let appender = tokio::spawn(async move {
@@ -328,7 +258,7 @@ async fn close_completes_while_another_task_keeps_appending() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_follows_an_ensemble_change_it_did_not_see() {
     let mut c = Cluster::start(2).await;
-    let client = c.client().await;
+    let client = connect(&c).await;
     let w = client
         .create(CreateOptions {
             ensemble: 1,
@@ -342,7 +272,7 @@ async fn a_reader_follows_an_ensemble_change_it_did_not_see() {
         w.append(payload(i)).await.unwrap();
     }
     // The reader caches the first ensemble; then its only bookie goes and the writer moves on.
-    let r = c.client().await.open(w.id(), b"").await.unwrap();
+    let r = connect(&c).await.open(w.id(), b"").await.unwrap();
     let first = client.metadata(w.id()).await.unwrap().value.ensembles[&0][0].clone();
     c.stop_bookie(&first).await;
     for i in 5..10 {
@@ -362,7 +292,7 @@ async fn a_reader_follows_an_ensemble_change_it_did_not_see() {
 async fn check_reports_missing_and_unreachable_replicas() {
     use quire_ledger_client::check::ReplicaProblem;
     let mut c = Cluster::start(3).await;
-    let client = c.client().await;
+    let client = connect(&c).await;
     let w = client.create(CreateOptions::default()).await.unwrap();
     for i in 0..10 {
         w.append(payload(i)).await.unwrap();
@@ -374,8 +304,7 @@ async fn check_reports_missing_and_unreachable_replicas() {
 
     // One bookie loses the ledger: every entry is missing there.
     let ens = meta.ensembles[&0].clone();
-    let i: usize = ens[0].trim_start_matches("bookie-").parse().unwrap();
-    let addr = c.bookies[i].as_ref().unwrap().grpc_addr;
+    let addr = c.bookie(&ens[0]).grpc_addr;
     let mut b = quire_proto::bookie::bookie_client::BookieClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
@@ -408,7 +337,7 @@ async fn check_reports_missing_and_unreachable_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_reads_fall_back_when_a_replica_lacks_entries() {
     let c = Cluster::start(3).await;
-    let client = c.client().await;
+    let client = connect(&c).await;
     let w = client.create(CreateOptions::default()).await.unwrap();
     for i in 0..300u64 {
         w.append(payload(i)).await.unwrap();
@@ -418,14 +347,7 @@ async fn run_reads_fall_back_when_a_replica_lacks_entries() {
     // whose write set starts there are read from the third.
     let ens = client.metadata(w.id()).await.unwrap().value.ensembles[&0].clone();
     for b in &ens[..2] {
-        let i: usize = b.trim_start_matches("bookie-").parse().unwrap();
-        c.bookies[i]
-            .as_ref()
-            .unwrap()
-            .bookie
-            .delete(w.id())
-            .await
-            .unwrap();
+        c.bookie(b).bookie.delete(w.id()).await.unwrap();
     }
     let r = client.open(w.id(), b"").await.unwrap();
     let entries = r.read(0, 299).await.unwrap();

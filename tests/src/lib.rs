@@ -985,9 +985,42 @@ pub struct CliOutput {
 /// Runs `quire <args>` to completion; panics if it takes longer than `timeout` (after killing
 /// it) or cannot be spawned.
 pub async fn run_quire(args: &[&str], timeout: Duration) -> CliOutput {
+    run_quire_input(args, b"", timeout).await
+}
+
+/// Runs `quire <args>` with `input` on stdin and without the environment's `QUIRE_METADATA` or
+/// `QUIRE_LEDGER_PASSWORD` (so only the flags count); panics if it takes longer than `timeout`
+/// (after killing it) or cannot be spawned.
+pub async fn run_quire_input(args: &[&str], input: &[u8], timeout: Duration) -> CliOutput {
     let mut cmd = quire_command(Stdio::piped(), Stdio::piped());
-    cmd.args(args).env("QUIRE_LOG", "warn");
-    run_command(cmd, b"", &format!("quire {args:?}"), timeout).await
+    cmd.args(args)
+        .env("QUIRE_LOG", "warn")
+        .env_remove("QUIRE_METADATA")
+        .env_remove("QUIRE_LEDGER_PASSWORD");
+    run_command(cmd, input, &format!("quire {args:?}"), timeout).await
+}
+
+/// Waits (up to `timeout`) until `bookie` is in the writable list of `store` with the address
+/// it serves on now.
+pub async fn wait_bookie_registered(
+    store: &quire_metadata::DynStore,
+    bookie: &BookieProcess,
+    timeout: Duration,
+) {
+    let id = bookie.bookie_id().to_string();
+    let addr = bookie.grpc_addr().to_string();
+    let registry = quire_metadata::bookies::BookieRegistry::new(store.clone());
+    wait_until(
+        timeout,
+        &format!("bookie {id} registered at {addr}"),
+        || async {
+            match tokio::time::timeout(Duration::from_secs(5), registry.writable()).await {
+                Ok(Ok(list)) => list.iter().any(|b| b.id == id && b.info.addr == addr),
+                _ => false,
+            }
+        },
+    )
+    .await;
 }
 
 /// Runs `cmd` (stdout and stderr piped) to completion with `input` on its stdin; panics if it

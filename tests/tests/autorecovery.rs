@@ -16,7 +16,6 @@
 //! Every wait is bounded; nothing asserts how long anything took.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,7 +23,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use quire_ledger_client::{Client, ClientConfig, CreateOptions, LedgerState, LedgerWriter};
 use quire_metadata::DynStore;
-use quire_metadata::bookies::BookieRegistry;
 use quire_tests::*;
 use serde_json::Value;
 use tokio::task::JoinHandle;
@@ -303,22 +301,8 @@ impl Cluster {
         i
     }
 
-    /// Waits until bookie `i` is writable at the address it serves on now.
     async fn wait_registered(&self, i: usize) {
-        let id = self.bookies[i].bookie_id().to_string();
-        let addr = self.bookies[i].grpc_addr().to_string();
-        let registry = BookieRegistry::new(self.store.clone());
-        wait_until(
-            WAIT,
-            &format!("bookie {id} registered at {addr}"),
-            || async {
-                match tokio::time::timeout(Duration::from_secs(5), registry.writable()).await {
-                    Ok(Ok(list)) => list.iter().any(|b| b.id == id && b.info.addr == addr),
-                    _ => false,
-                }
-            },
-        )
-        .await;
+        wait_bookie_registered(&self.store, &self.bookies[i], WAIT).await;
     }
 
     fn bookie_index(&self, id: &str) -> usize {
@@ -350,7 +334,7 @@ impl Cluster {
     /// `quire <args>` with `input` on stdin (the environment's metadata URI and password
     /// removed).
     async fn cli(&self, args: &[&str], input: &[u8]) -> CliOutput {
-        cli(args, input).await
+        run_quire_input(args, input, CLI).await
     }
 
     /// `quire autorecovery status --json`, parsed.
@@ -380,19 +364,11 @@ impl Cluster {
     }
 }
 
-async fn cli(args: &[&str], input: &[u8]) -> CliOutput {
-    let mut cmd = quire_command(Stdio::piped(), Stdio::piped());
-    cmd.args(args)
-        .env("QUIRE_LOG", "warn")
-        .env_remove("QUIRE_METADATA")
-        .env_remove("QUIRE_LEDGER_PASSWORD");
-    run_command(cmd, input, &format!("quire {args:?}"), CLI).await
-}
-
 async fn status(uri: &str) -> Value {
-    let out = cli(
+    let out = run_quire_input(
         &["autorecovery", "status", "--metadata", uri, "--json"],
         b"",
+        CLI,
     )
     .await;
     json("quire autorecovery status --json", &out)
@@ -521,7 +497,12 @@ async fn read_back(client: &Client, w: &Written) -> Result<(), String> {
 /// `quire ledger check ID --json`: every replica of every entry, healthy, exit 0.
 async fn replica_check(uri: &str, w: &Written) -> Result<(), String> {
     let id = w.id.to_string();
-    let out = cli(&["ledger", "check", &id, "--metadata", uri, "--json"], b"").await;
+    let out = run_quire_input(
+        &["ledger", "check", &id, "--metadata", uri, "--json"],
+        b"",
+        CLI,
+    )
+    .await;
     let report: Value = serde_json::from_str(out.stdout.trim()).map_err(|e| {
         format!(
             "ledger check {id} ({}) printed no JSON ({e}): {:?} {:?}",

@@ -22,7 +22,6 @@ use quire_ledger_client::{
     Client, ClientConfig, CreateOptions, LedgerError, LedgerReader, LedgerState, LedgerWriter,
 };
 use quire_metadata::DynStore;
-use quire_metadata::bookies::BookieRegistry;
 use quire_proto::StatusCode;
 use quire_tests::*;
 use rand::rngs::StdRng;
@@ -145,22 +144,8 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no bookie {bookie_id} in this cluster"))
     }
 
-    /// Waits until bookie `i` is in the writable list with the address it serves on now.
     async fn wait_registered(&self, i: usize) {
-        let id = self.bookies[i].bookie_id().to_string();
-        let addr = self.bookies[i].grpc_addr().to_string();
-        let registry = BookieRegistry::new(self.store.clone());
-        wait_until(
-            WAIT,
-            &format!("bookie {id} registered at {addr}"),
-            || async {
-                match tokio::time::timeout(Duration::from_secs(5), registry.writable()).await {
-                    Ok(Ok(list)) => list.iter().any(|b| b.id == id && b.info.addr == addr),
-                    _ => false,
-                }
-            },
-        )
-        .await;
+        wait_bookie_registered(&self.store, &self.bookies[i], WAIT).await;
     }
 
     fn kill9(&mut self, i: usize) {

@@ -56,19 +56,8 @@ impl Cluster {
         let mut all = vec!["ledger"];
         all.extend_from_slice(args);
         all.extend_from_slice(&["--metadata", &uri]);
-        cli(&all, input).await
+        run_quire_input(&all, input, CLI).await
     }
-}
-
-/// `quire <args>` with `input` on stdin and without the environment's `QUIRE_METADATA` or
-/// `QUIRE_LEDGER_PASSWORD`; panics (after killing it) if it takes longer than [`CLI`].
-async fn cli(args: &[&str], input: &[u8]) -> CliOutput {
-    let mut cmd = quire_command(Stdio::piped(), Stdio::piped());
-    cmd.args(args)
-        .env("QUIRE_LOG", "warn")
-        .env_remove("QUIRE_METADATA")
-        .env_remove("QUIRE_LEDGER_PASSWORD");
-    run_command(cmd, input, &format!("quire {args:?}"), CLI).await
 }
 
 fn ok(what: &str, out: &CliOutput) {
@@ -326,7 +315,7 @@ async fn create_close_and_bad_input() {
             &c.ledger(&["read", "abc"]).await,
             "invalid value 'abc'",
         );
-        let out = cli(&["ledger", "list"], b"").await;
+        let out = run_quire_input(&["ledger", "list"], b"", CLI).await;
         assert!(!out.status.success(), "list without --metadata succeeded");
         assert!(out.stderr.contains("--metadata"), "{:?}", out.stderr);
     })
