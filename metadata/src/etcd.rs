@@ -245,6 +245,28 @@ impl EtcdStore {
         .await
     }
 
+    /// A plain etcd `Put` (no compare), returning the store revision it was written at. Not part
+    /// of the [`MetadataStore`] contract, whose writes are all compare-and-set: it is what an
+    /// application using etcd as its key-value store would send, and `quire bench table --etcd`
+    /// measures it against Quire tables.
+    pub async fn put(&self, key: &str, value: Bytes) -> Result<u64> {
+        check_key(key)?;
+        check_value(&value)?;
+        let req = rpc::PutRequest {
+            key: self.keys.encode(key),
+            value,
+            ..Default::default()
+        };
+        let resp = self
+            .call(|ch| {
+                let req = req.clone();
+                async move { Ok(KvClient::new(ch).put(req).await?.into_inner()) }
+            })
+            .await
+            .map_err(|e| e.into_meta(Effect::Write))?;
+        Ok(header_revision(resp.header.as_ref()))
+    }
+
     /// The key's current etcd record, if any.
     async fn read_raw(&self, key: &Bytes) -> Result<Option<mvccpb::KeyValue>> {
         let req = rpc::RangeRequest {

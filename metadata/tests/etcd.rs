@@ -692,3 +692,30 @@ async fn etcd_passes_the_conformance_suite() {
     let namespaced = etcd.store(Some("/tenant")).await;
     quire_metadata::testkit::conformance::run_all(&namespaced, "/conformance/").await;
 }
+
+#[tokio::test]
+async fn plain_put_writes_and_bumps_the_version() {
+    let Some(etcd) = Etcd::start().await else {
+        return;
+    };
+    let store = etcd.store(None).await;
+    let r1 = store.put("/bench/k", b("v1")).await.unwrap();
+    let kv = store
+        .get("/bench/k")
+        .await
+        .unwrap()
+        .expect("the key exists");
+    assert_eq!((kv.value, kv.version, kv.mod_revision), (b("v1"), 1, r1));
+    let r2 = store.put("/bench/k", b("v2")).await.unwrap();
+    assert!(r2 > r1);
+    let kv = store
+        .get("/bench/k")
+        .await
+        .unwrap()
+        .expect("the key exists");
+    assert_eq!((kv.value, kv.version, kv.mod_revision), (b("v2"), 2, r2));
+    assert!(matches!(
+        store.put("no-slash", b("x")).await,
+        Err(MetaError::InvalidArgument(_))
+    ));
+}
