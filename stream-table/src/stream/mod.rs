@@ -228,6 +228,11 @@ pub(crate) fn ledger_error(name: &Name, e: LedgerError) -> Error {
             name,
             &format!("segment ledger {l} was fenced: another writer took over"),
         ),
+        // A writer's own segment ledger vanishes only when the stream is deleted.
+        LedgerError::NoSuchLedger(l) => meta::fenced(
+            name,
+            &format!("segment ledger {l} is gone: the stream was deleted"),
+        ),
         LedgerError::TooLarge { size, max } => {
             Error::TooLarge(format!("record of {size} bytes, the limit is {max}"))
         }
