@@ -98,6 +98,10 @@ struct Inner {
     /// Why the range stopped serving (failed or closed).
     stopped: Mutex<Option<Error>>,
     is_stopped: AtomicBool,
+    /// Stopped by a failure (not by a close or by being dropped).
+    failed: AtomicBool,
+    /// `close` was called (by any clone).
+    closing: AtomicBool,
     pending: AtomicU64,
     /// Serializes checkpoints.
     checkpointing: tokio::sync::Mutex<()>,
@@ -192,6 +196,8 @@ impl Range {
             writer: writer.clone(),
             stopped: Mutex::new(None),
             is_stopped: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             pending: AtomicU64::new(0),
             checkpointing: tokio::sync::Mutex::new(()),
             wake_checkpoint: Notify::new(),
@@ -402,23 +408,30 @@ impl Range {
     /// the lease (closing the changelog's segment). Other clones answer `Unavailable` after.
     pub async fn close(self) -> Result<()> {
         let inner = &self.inner;
-        inner.check()?;
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Request::Drain(tx)).await.is_ok() {
-            let _ = tokio::time::timeout(OP_TIMEOUT, rx).await;
+        if inner.closing.swap(true, Ordering::AcqRel) {
+            return Ok(());
         }
-        inner.stop(Error::Unavailable("the range was closed".into()));
-        let failed = inner
-            .stopped
-            .lock()
-            .as_ref()
-            .is_some_and(|e| !matches!(e, Error::Unavailable(_)));
-        if !failed {
-            // A final checkpoint makes the next open fast; the lease is released either way.
-            if let Err(e) = run_checkpoint(inner).await {
-                tracing::warn!(table = %inner.table, range = inner.range, error = %e,
-                    "final checkpoint failed");
+        if !inner.is_stopped.load(Ordering::Acquire) {
+            let (tx, rx) = oneshot::channel();
+            if self.tx.send(Request::Drain(tx)).await.is_ok() {
+                let _ = tokio::time::timeout(OP_TIMEOUT, rx).await;
             }
+        }
+        let failed = inner.failed.load(Ordering::Acquire);
+        inner.stop(Error::Unavailable("the range was closed".into()));
+        if failed {
+            // The changelog writer already failed (or was fenced): nothing to checkpoint or
+            // release cleanly; the lease goes with the writer or the session.
+            if let Err(e) = inner.writer.clone().close().await {
+                tracing::debug!(table = %inner.table, range = inner.range, error = %e,
+                    "closing the changelog of a failed range");
+            }
+            return Ok(());
+        }
+        // A final checkpoint makes the next open fast; the lease is released either way.
+        if let Err(e) = run_checkpoint(inner).await {
+            tracing::warn!(table = %inner.table, range = inner.range, error = %e,
+                "final checkpoint failed");
         }
         inner.writer.clone().close().await
     }
@@ -543,6 +556,7 @@ impl Sequencer {
             Some(e) => {
                 tracing::warn!(table = %self.inner.table, range = self.inner.range, error = %e,
                     "range failed; it must be reopened");
+                self.inner.failed.store(true, Ordering::Release);
                 self.inner.stop(e.clone());
                 for w in self.waiting.drain(..) {
                     let err = if w.effect.is_write() {
