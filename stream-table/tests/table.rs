@@ -725,3 +725,65 @@ async fn table_administration() {
     ));
     assert_eq!(t.list("ns").await.unwrap(), vec![bn]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replay_refuses_a_gap_or_garbage_in_the_changelog() {
+    use quire_stream_table::table::codec::encode_effect;
+    use quire_stream_table::table::state::{Effect, Entry};
+
+    let c = Cluster::start(3).await;
+    let t = tables(&c).await;
+    let s = session(&c).await;
+    let effect = |revision: u64| Effect {
+        revision,
+        changes: vec![(
+            b("k"),
+            Some(Entry {
+                value: Value::Number(7),
+                version: 1,
+                create_revision: revision,
+                mod_revision: revision,
+            }),
+        )],
+    };
+    for (table, bad) in [
+        ("gap", encode_effect(&effect(3))),
+        ("garbage", Bytes::from_static(b"not a changelog record")),
+    ] {
+        let name = Name::new("ns", table).unwrap();
+        t.create(&name, one_range()).await.unwrap();
+        let r = t.open_range(&name, 0, &s, me("s1")).await.unwrap();
+        r.put(b("a"), "1".into(), None, false).await.unwrap();
+        r.close().await.unwrap();
+        // Someone else writes to the changelog behind the table's back.
+        let w = t
+            .streams()
+            .open_writer(&Name::changelog(&name, 0), &s, me("intruder"))
+            .await
+            .unwrap();
+        w.append(bad).await.unwrap();
+        w.close().await.unwrap();
+        match t.open_range(&name, 0, &s, me("s1")).await {
+            Err(Error::Corrupt(_)) => {}
+            Err(e) => panic!("{table}: {e}"),
+            Ok(_) => panic!("{table}: a corrupt changelog was replayed"),
+        }
+    }
+    // A record at or below the checkpoint's revision is skipped (a replay overlap), not refused.
+    let name = Name::new("ns", "overlap").unwrap();
+    t.create(&name, one_range()).await.unwrap();
+    let r = t.open_range(&name, 0, &s, me("s1")).await.unwrap();
+    r.put(b("a"), "1".into(), None, false).await.unwrap();
+    r.close().await.unwrap();
+    let w = t
+        .streams()
+        .open_writer(&Name::changelog(&name, 0), &s, me("intruder"))
+        .await
+        .unwrap();
+    w.append(encode_effect(&effect(1))).await.unwrap();
+    w.close().await.unwrap();
+    let r = t.open_range(&name, 0, &s, me("s1")).await.unwrap();
+    assert!(r.get(&b("k")).await.unwrap().is_none());
+    assert_eq!(r.stats().revision, 1);
+    r.close().await.unwrap();
+}
