@@ -413,8 +413,11 @@ impl Range {
         }
         if !inner.is_stopped.load(Ordering::Acquire) {
             let (tx, rx) = oneshot::channel();
-            if self.tx.send(Request::Drain(tx)).await.is_ok() {
-                let _ = tokio::time::timeout(OP_TIMEOUT, rx).await;
+            let deadline = tokio::time::Instant::now() + OP_TIMEOUT;
+            if let Ok(Ok(())) =
+                tokio::time::timeout_at(deadline, self.tx.send(Request::Drain(tx))).await
+            {
+                let _ = tokio::time::timeout_at(deadline, rx).await;
             }
         }
         let failed = inner.failed.load(Ordering::Acquire);
