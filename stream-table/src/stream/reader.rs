@@ -29,9 +29,11 @@ const FIRST_BATCH: u64 = 16;
 const BATCH_MAX: u64 = 1000;
 /// Longest single LAC long poll within a wait.
 const POLL_MAX: Duration = Duration::from_secs(10);
-/// Pause after a long poll that came back at once without news (bookies that do not know a
-/// new ledger yet answer at once), and between metadata checks without a watch.
+/// First pause after a long poll that came back at once without news (bookies that do not know
+/// a new ledger yet answer at once); it doubles up to `IDLE_PAUSE_MAX` while that goes on.
 const IDLE_PAUSE: Duration = Duration::from_millis(100);
+const IDLE_PAUSE_MAX: Duration = Duration::from_secs(1);
+/// Between metadata checks of a long poll without a watch.
 const NO_WATCH_POLL: Duration = Duration::from_secs(1);
 
 /// Where an offset falls.
@@ -46,6 +48,14 @@ enum Pos {
     /// At the end; with the open segment's reader and LAC when there is one.
     AtEnd(Option<(LedgerReader, i64)>),
     Past(u64),
+}
+
+/// How a LAC long poll ended.
+enum Poll {
+    Progress,
+    /// At once, without news.
+    Quick,
+    TimedOut,
 }
 
 enum Outcome {
@@ -82,7 +92,7 @@ impl StreamReader {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<Record>> {
-        match self.read_some(from, max_records, max_bytes).await? {
+        match self.read_some(from, max_records, max_bytes, true).await? {
             Outcome::Records(r) => Ok(r),
             Outcome::AtEnd(_) => Ok(Vec::new()),
         }
@@ -96,6 +106,9 @@ impl StreamReader {
         wait: Duration,
     ) -> Result<Vec<Record>> {
         let deadline = Instant::now() + wait;
+        // Whether the metadata must be read again before deciding that `from` is the end.
+        let mut stale = true;
+        let mut pause = IDLE_PAUSE;
         loop {
             if self.watch.is_none() {
                 // Watch first, then read: a roll after this read is seen.
@@ -104,15 +117,19 @@ impl StreamReader {
                     .watch(WatchTarget::Key(layout::stream_key(&self.name)))
                     .await
                 {
-                    Ok(w) => self.watch = Some(w),
+                    Ok(w) => {
+                        self.watch = Some(w);
+                        stale = true;
+                    }
                     Err(e) => tracing::debug!(stream = %self.name, error = %e,
                         "no watch on the stream; polling its metadata"),
                 }
             }
-            let open = match self.read_some(from, max_records, max_bytes).await? {
+            let open = match self.read_some(from, max_records, max_bytes, stale).await? {
                 Outcome::Records(r) => return Ok(r),
                 Outcome::AtEnd(open) => open,
             };
+            stale = false;
             let now = Instant::now();
             if now >= deadline {
                 return Ok(Vec::new());
@@ -123,12 +140,18 @@ impl StreamReader {
                     Some((r, lac)) => {
                         let asked = Instant::now();
                         let l = r.wait_lac(*lac, remaining.min(POLL_MAX)).await?;
-                        if l <= *lac && asked.elapsed() < IDLE_PAUSE {
-                            tokio::time::sleep(IDLE_PAUSE.min(remaining)).await;
+                        if l > *lac {
+                            return Ok(Poll::Progress);
                         }
-                        Ok(())
+                        if asked.elapsed() < IDLE_PAUSE {
+                            // Bookies that do not know the segment's ledger yet (nothing
+                            // written to it) answer at once: back off instead of spinning.
+                            tokio::time::sleep(pause.min(remaining)).await;
+                            return Ok(Poll::Quick);
+                        }
+                        Ok(Poll::TimedOut)
                     }
-                    None => std::future::pending::<Result<(), LedgerError>>().await,
+                    None => std::future::pending::<Result<Poll, LedgerError>>().await,
                 }
             };
             let meta_news = async {
@@ -145,8 +168,18 @@ impl StreamReader {
                 }
             };
             tokio::select! {
-                r = lac_poll => r.map_err(Error::from)?,
-                keep = meta_news => if !keep { self.watch = None },
+                r = lac_poll => match r.map_err(Error::from)? {
+                    Poll::Progress => pause = IDLE_PAUSE,
+                    Poll::Quick => pause = (pause * 2).min(IDLE_PAUSE_MAX),
+                    // A safety net: a long poll without news looks at the metadata again.
+                    Poll::TimedOut => stale = true,
+                },
+                keep = meta_news => {
+                    stale = true;
+                    if !keep {
+                        self.watch = None;
+                    }
+                }
                 _ = tokio::time::sleep(remaining) => return Ok(Vec::new()),
             }
         }
@@ -192,6 +225,7 @@ impl StreamReader {
         from: u64,
         max_records: usize,
         max_bytes: usize,
+        reload_at_end: bool,
     ) -> Result<Outcome> {
         let max_records = max_records.max(1) as u64;
         let mut out: Vec<Record> = Vec::new();
@@ -251,7 +285,11 @@ impl StreamReader {
                 }
                 Pos::Truncated => return Err(self.truncated(from)),
                 // The open segment may have been sealed and a new one added.
-                Pos::AtEnd(_) | Pos::Past(_) if !reloaded => {
+                Pos::AtEnd(_) if !reloaded && reload_at_end => {
+                    self.reload().await?;
+                    reloaded = true;
+                }
+                Pos::Past(_) if !reloaded => {
                     self.reload().await?;
                     reloaded = true;
                 }
