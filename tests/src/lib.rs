@@ -1774,3 +1774,115 @@ impl AutoRecoveryProcess {
         self.proc.last_stderr()
     }
 }
+
+/// How long a stream/table server may take to start serving or to stop.
+pub const STREAM_TABLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One `quire stream-table` server (and its restarts), listening on an ephemeral loopback port.
+pub struct StreamTableProcess {
+    id: String,
+    metadata: String,
+    args: Vec<String>,
+    proc: TestProcess,
+    addr_file: PathBuf,
+    addr: Option<SocketAddr>,
+}
+
+impl StreamTableProcess {
+    /// Starts server `id` against the metadata store `metadata` with more flags `args` (e.g.
+    /// `--session-timeout 2s`); panics (with its stderr) when it does not serve.
+    pub async fn start<S: AsRef<str>>(id: &str, metadata: &str, args: &[S]) -> Self {
+        let proc = TestProcess::new(&format!("st-{id}"), format!("stream-table {id}"), 40);
+        let mut p = StreamTableProcess {
+            id: id.into(),
+            metadata: metadata.into(),
+            args: args.iter().map(|a| a.as_ref().to_string()).collect(),
+            addr_file: proc.root_path.join("grpc.addr"),
+            proc,
+            addr: None,
+        };
+        p.restart().await;
+        p
+    }
+
+    /// Starts it again with the same id and flags (SIGTERM first if it is running).
+    pub async fn restart(&mut self) {
+        if self.is_running() {
+            self.terminate().await;
+        }
+        let _ = std::fs::remove_file(&self.addr_file);
+        self.proc.spawn(|cmd| {
+            cmd.arg("stream-table")
+                .arg("--metadata")
+                .arg(&self.metadata)
+                .arg("--id")
+                .arg(&self.id)
+                .args(["--listen", "127.0.0.1:0"])
+                .arg("--addr-file")
+                .arg(&self.addr_file)
+                .args(&self.args);
+        });
+        let deadline = Instant::now() + STREAM_TABLE_TIMEOUT;
+        let addr_file = &self.addr_file;
+        match self
+            .proc
+            .wait_ready(deadline, || {
+                std::fs::read_to_string(addr_file)
+                    .ok()
+                    .and_then(|t| t.lines().next()?.trim().parse::<SocketAddr>().ok())
+            })
+            .await
+        {
+            Ok(a) => self.addr = Some(a),
+            Err(Some(status)) => panic!(
+                "stream-table {} exited with {status} instead of serving; stderr:\n{}",
+                self.id,
+                tail(&self.last_stderr(), 40)
+            ),
+            Err(None) => panic!(
+                "stream-table {} did not serve within {STREAM_TABLE_TIMEOUT:?}; stderr:\n{}",
+                self.id,
+                tail(&self.last_stderr(), 40)
+            ),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.proc.is_running()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
+    /// The gRPC address of the current run.
+    pub fn addr(&self) -> SocketAddr {
+        assert!(self.is_running(), "stream-table {} is not running", self.id);
+        self.addr.expect("address known while running")
+    }
+
+    /// SIGKILL: the crash fault. Returns once the process is gone.
+    pub fn kill9(&mut self) {
+        self.proc.kill9();
+        self.addr = None;
+    }
+
+    /// SIGTERM and wait for the clean shutdown; panics unless it exits 0 in time.
+    pub async fn terminate(&mut self) {
+        self.addr = None;
+        self.proc.terminate(STREAM_TABLE_TIMEOUT).await;
+    }
+
+    pub fn log_dir(&self) -> &Path {
+        &self.proc.log_dir
+    }
+
+    /// Everything the latest run wrote to stderr.
+    pub fn last_stderr(&self) -> String {
+        self.proc.last_stderr()
+    }
+}
