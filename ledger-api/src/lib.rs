@@ -114,12 +114,24 @@ pub fn start(
     listener: TcpListener,
     cfg: GatewayConfig,
 ) -> Result<Running, ApiError> {
+    start_with(client, listener, cfg, None)
+}
+
+/// [`start`], also serving the services of `extra` on the same port (`quire standalone` puts
+/// the stream and table services there). Their owner stops them: [`Running::stop`] only stops
+/// accepting calls for them.
+pub fn start_with(
+    client: Client,
+    listener: TcpListener,
+    cfg: GatewayConfig,
+    extra: Option<tonic::service::Routes>,
+) -> Result<Running, ApiError> {
     let addr = listener.local_addr()?;
     let (shutdown, mut rx) = tokio::sync::watch::channel(false);
     let gateway = LedgerGateway::new(client, cfg);
     let g = gateway.clone();
     let task = tokio::spawn(async move {
-        serve_with(g, listener, async move {
+        serve_with(g, listener, extra, async move {
             let _ = rx.wait_for(|s| *s).await;
         })
         .await
@@ -142,7 +154,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ApiError> {
     let gateway = LedgerGateway::new(client, cfg);
-    let r = serve_with(gateway.clone(), listener, shutdown).await;
+    let r = serve_with(gateway.clone(), listener, None, shutdown).await;
     gateway.shut_down();
     r
 }
@@ -150,6 +162,7 @@ pub async fn serve(
 async fn serve_with(
     gateway: LedgerGateway,
     listener: TcpListener,
+    extra: Option<tonic::service::Routes>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ApiError> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
@@ -165,7 +178,7 @@ async fn serve_with(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(Some(1024))
-        .add_service(gateway.into_server())
+        .add_routes(extra.unwrap_or_default().add_service(gateway.into_server()))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
