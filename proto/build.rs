@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/quire/bookie/v1/bookie.proto",
         "proto/quire/metadata/v1/metadata.proto",
         "proto/quire/ledger/v1/ledger.proto",
+        "proto/quire/stream/v1/stream.proto",
+        "proto/quire/table/v1/table.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -23,4 +23,16 @@ pub mod ledger {
     tonic::include_proto!("quire.ledger.v1");
 }
 
+/// The stream API, generated from `proto/quire/stream/v1/stream.proto`.
+pub mod stream {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("quire.stream.v1");
+}
+
+/// The table API, generated from `proto/quire/table/v1/table.proto`.
+pub mod table {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("quire.table.v1");
+}
+
 pub use bookie::StatusCode;
