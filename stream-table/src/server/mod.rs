@@ -43,6 +43,10 @@ use quire_proto::stream::stream_service_server::StreamServiceServer;
 use quire_proto::table::table_service_server::TableServiceServer;
 
 pub use status::{CODE_KEY, OWNER_KEY, code_of, from_status, to_status};
+pub(crate) use streams::{config_to as streams_config_to, pb_name as streams_pb_name};
+pub(crate) use tables::{
+    config_from as tables_config_from, config_to as tables_config_to, value_to as tables_value_to,
+};
 
 use crate::error::{Error, Result};
 use crate::layout;
