@@ -24,6 +24,10 @@ pub enum BenchCommand {
     /// Sustained quorum appends through the ledger client (bookies found via the metadata
     /// store).
     Ledger(crate::bench_ledger::LedgerBench),
+    /// Put, get or increment load on a table (or the same load on etcd, --etcd).
+    Table(crate::bench_table::TableBench),
+    /// Sustained appends to a stream through the stream-table servers.
+    Stream(crate::bench_table::StreamBench),
 }
 
 #[derive(Args)]
@@ -83,6 +87,8 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Bookie(b) => bench_bookie(b).await,
         BenchCommand::Metadata(m) => crate::bench_metadata::bench_metadata(m).await,
         BenchCommand::Ledger(l) => crate::bench_ledger::bench_ledger(l).await,
+        BenchCommand::Table(t) => crate::bench_table::bench_table(t).await,
+        BenchCommand::Stream(s) => crate::bench_table::bench_stream(s).await,
     }
 }
 

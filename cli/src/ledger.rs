@@ -630,7 +630,7 @@ async fn info(target: &Target, id: u64, json: bool, password: &str) -> anyhow::R
 }
 
 /// Milliseconds since the Unix epoch as an RFC 3339 UTC time.
-fn format_time_ms(ms: u64) -> String {
+pub(crate) fn format_time_ms(ms: u64) -> String {
     let secs = ms / 1000;
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

@@ -6,11 +6,16 @@ mod autorecovery;
 mod bench;
 mod bench_ledger;
 mod bench_metadata;
+mod bench_table;
 mod bookie;
 mod ledger;
 mod ledger_api;
 mod metadata;
+mod st_client;
 mod standalone;
+mod stream;
+mod stream_table;
+mod table;
 
 use clap::{Parser, Subcommand};
 
@@ -27,16 +32,24 @@ enum Command {
     Bookie(Box<bookie::BookieArgs>),
     /// Run a metadata node (raft), or manage and inspect a metadata cluster.
     Metadata(metadata::MetadataArgs),
-    /// Run everything in one process on one directory: metadata store, three bookies and the
-    /// gRPC ledger API.
+    /// Run everything in one process on one directory: metadata store, three bookies, the
+    /// gRPC ledger API and the stream and table services.
     Standalone(standalone::StandaloneArgs),
     /// Serve the gRPC ledger API (a gateway over the ledger client).
     LedgerApi(ledger_api::LedgerApiArgs),
+    /// Serve streams and tables (gRPC StreamService and TableService) over a metadata store.
+    StreamTable(stream_table::StreamTableArgs),
     /// Run the autorecovery daemon (auditor and replication worker), or show its status.
     Autorecovery(autorecovery::AutoRecoveryArgs),
     /// Ledger tools: create, write stdin, read, tail, close, delete, list, info.
     #[command(subcommand)]
     Ledger(ledger::LedgerCommand),
+    /// Stream tools: create, append, read, tail, truncate, delete, info, list.
+    #[command(subcommand)]
+    Stream(stream::StreamCommand),
+    /// Table tools: create, drop, info, list; put, get, del, scan, incr, cas.
+    #[command(subcommand)]
+    Table(table::TableCommand),
     /// Load generators that measure throughput and latency.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -61,15 +74,26 @@ fn main() -> anyhow::Result<()> {
     }
     .enable_all()
     .build()?;
-    rt.block_on(async {
+    let r = rt.block_on(async {
         match cli.command {
             Command::Bookie(args) => bookie::run(*args).await,
             Command::Metadata(args) => metadata::run(args).await,
             Command::Standalone(args) => standalone::run(args).await,
             Command::LedgerApi(args) => ledger_api::run(args).await,
+            Command::StreamTable(args) => stream_table::run(args).await,
+            Command::Stream(cmd) => stream::run(cmd).await,
+            Command::Table(cmd) => table::run(cmd).await,
             Command::Autorecovery(args) => autorecovery::run(args).await,
             Command::Ledger(cmd) => ledger::run(cmd).await,
             Command::Bench(cmd) => bench::run(cmd).await,
         }
-    })
+    });
+    // Stream and table errors print as `error: CODE: message`, with their own exit status.
+    if let Err(e) = &r
+        && let Some(status) = st_client::report(e)
+    {
+        drop(rt);
+        std::process::exit(status);
+    }
+    r
 }

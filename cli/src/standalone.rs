@@ -6,12 +6,14 @@
 //!   ledger directory in `DIR/bookie-N/ledgers`, identified as `standalone-bookie-N`: the id
 //!   is fixed rather than the listen address, so a restart on other ports (port 0) keeps every
 //!   bookie's identity, cookie and ledgers; the client finds the current address in the registry;
-//! - the gRPC ledger API, over a ledger client of that metadata store.
+//! - the gRPC ledger API, over a ledger client of that metadata store;
+//! - a stream-table server (id `standalone`): the stream and table services, on the ledger
+//!   API's port.
 //!
 //! It starts in that order, waits until every bookie is registered (so the first `Create`
 //! finds them), prints the addresses and writes them to `--addr-file` as JSON; SIGTERM or
-//! SIGINT stops it in the reverse order (the ledger API, the bookies with their clean journal
-//! and cache shutdown, the metadata store). Everything is durable: a restart on the same
+//! SIGINT stops it in the reverse order (the stream-table server with its final checkpoints,
+//! the ledger API, the bookies with their clean journal and cache shutdown, the metadata store). Everything is durable: a restart on the same
 //! directory, even after kill -9, serves all data acknowledged before.
 
 use std::net::SocketAddr;
@@ -25,6 +27,7 @@ use quire_bookie::BookieConfig;
 use quire_ledger_client::{Client, ClientConfig};
 use quire_metadata::DynStore;
 use quire_metadata::bookies::BookieRegistry;
+use quire_stream_table::server::{ServerConfig, StreamTableServer};
 
 use crate::bookie::{shutdown_signal, write_file_atomic};
 
@@ -37,13 +40,13 @@ pub struct StandaloneArgs {
     #[arg(long)]
     data_dir: PathBuf,
     /// Once serving, write the addresses here as JSON: {"metadata": ..., "ledger_api": ...,
-    /// "bookies": [...]} (plus "bookie_ids" and "bookie_http").
+    /// "stream_table": ..., "bookies": [...]} (plus "bookie_ids" and "bookie_http").
     #[arg(long)]
     addr_file: Option<PathBuf>,
     /// Metadata service address (tools connect with quire://ADDR).
     #[arg(long, default_value = "127.0.0.1:7000")]
     metadata_listen: SocketAddr,
-    /// Ledger API (gRPC) address.
+    /// Ledger API (gRPC) address; the stream and table services are served there too.
     #[arg(long, default_value = "127.0.0.1:4181")]
     api_listen: SocketAddr,
     /// gRPC address of bookie 1; bookie N listens on the next ports (port 0: free ports).
@@ -134,6 +137,7 @@ struct Servers {
     metadata: Option<quire_metadata::server::MetadataServerHandle>,
     bookies: Vec<quire_bookie::Running>,
     api: Option<quire_ledger_api::Running>,
+    stream_table: Option<StreamTableServer>,
     autorecovery: Option<quire_autorecovery::AutoRecovery>,
 }
 
@@ -141,6 +145,12 @@ impl Servers {
     async fn stop(self) {
         if let Some(ar) = self.autorecovery {
             ar.stop().await;
+        }
+        // Writers and ranges close (final checkpoints, leases released) while the ledger
+        // client, the bookies and the store still work.
+        if let Some(st) = self.stream_table {
+            st.shutdown().await;
+            tracing::info!("stream-table server stopped");
         }
         if let Some(api) = self.api {
             api.stop().await;
@@ -198,7 +208,17 @@ async fn start(
     let listener = tokio::net::TcpListener::bind(args.api_listen)
         .await
         .with_context(|| format!("binding the ledger API on {}", args.api_listen))?;
-    let api = quire_ledger_api::start(client, listener, gateway_cfg)?;
+    let st_cfg = ServerConfig {
+        id: "standalone".into(),
+        advertised_addr: crate::stream_table::advertised(listener.local_addr()?),
+        ..ServerConfig::default()
+    };
+    let st = StreamTableServer::start(store.clone(), client.clone(), st_cfg)
+        .await
+        .context("starting the stream-table server")?;
+    let routes = st.routes();
+    servers.stream_table = Some(st);
+    let api = quire_ledger_api::start_with(client, listener, gateway_cfg, Some(routes))?;
     let api_addr = api.addr;
     servers.api = Some(api);
     // One auditor and worker for the bookies of this process (with as many bookies as the
@@ -211,7 +231,7 @@ async fn start(
 
     let mut summary = format!("quire standalone serving (data in {})\n", dir.display());
     summary += &format!("  metadata    {meta_addr}  ({uri})\n");
-    summary += &format!("  ledger API  {api_addr}\n");
+    summary += &format!("  ledger API  {api_addr}  (streams and tables too)\n");
     for b in &servers.bookies {
         summary += &format!(
             "  bookie      {}  {} (HTTP {})\n",
@@ -223,6 +243,7 @@ async fn start(
     let json = serde_json::json!({
         "metadata": meta_addr.to_string(),
         "ledger_api": api_addr.to_string(),
+        "stream_table": api_addr.to_string(),
         "bookies": servers.bookies.iter().map(|b| b.grpc_addr.to_string()).collect::<Vec<_>>(),
         "bookie_ids": servers.bookies.iter().map(|b| b.bookie.id().to_string()).collect::<Vec<_>>(),
         "bookie_http": servers.bookies.iter().map(|b| b.http_addr.to_string()).collect::<Vec<_>>(),
