@@ -28,8 +28,11 @@ ETCD=${ETCD_BIN:-/usr/bin/etcd}
 PROBE=${DISK_PROBE:-$(pwd)/../shared/tools/disk-probe}
 DIR=$(mktemp -d /tmp/quire-table-etcd.XXXXXX)
 PIDS=()
+# Every process this run started names $DIR on its command line: the ones in PIDS, and any other
+# (a safety net, so that nothing outlives the run).
+leftovers() { pgrep -f -- "$DIR/" 2>/dev/null | grep -vx "$$" || true; }
 cleanup() {
-    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}" $(leftovers); do kill -9 "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$DIR"
 }
@@ -45,6 +48,7 @@ stop_all() {
         kill -9 "$p" 2>/dev/null || true
         wait "$p" 2>/dev/null || true
     done
+    for p in $(leftovers); do kill -9 "$p" 2>/dev/null || true; done
     PIDS=()
 }
 # N free loopback ports.
