@@ -906,10 +906,7 @@ impl TableHandle {
         limit: u32,
     ) -> Result<(Vec<KeyValue>, bool)> {
         let limit = if limit == 0 { 1000 } else { limit };
-        let ranges = match *self.ranges.lock() {
-            Some(r) => r,
-            None => 0,
-        };
+        let ranges = self.ranges.lock().unwrap_or_default();
         let ranges = if ranges == 0 {
             self.info().await?.config.ranges
         } else {

@@ -363,7 +363,7 @@ async fn table_owner_killed_under_load() {
         }
 
         let check = c.client(&[1]).await.table(n("app/state"));
-        let log = log.lock();
+        let log = std::mem::take(&mut *log.lock());
         for (k, v) in &log.puts {
             let kv = check
                 .get(k.clone())
