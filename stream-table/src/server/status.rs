@@ -153,6 +153,7 @@ pub fn from_status(s: &Status) -> Option<Error> {
         "TIMEOUT" => Error::Timeout(m),
         "UNAVAILABLE" => Error::Unavailable(m),
         "CORRUPT" => Error::Corrupt(m),
+        "INTERNAL" => Error::Internal(m),
         code => Error::Internal(format!("{code}: {m}")),
     })
 }
