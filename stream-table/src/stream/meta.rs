@@ -83,12 +83,14 @@ impl Default for StreamConfig {
 }
 
 impl StreamConfig {
-    /// The settings of a table range's changelog: small segments, so that truncation after a
-    /// checkpoint frees space soon.
+    /// The settings of a table range's changelog: segments small enough that truncation after a
+    /// checkpoint frees space soon (64 MiB or 10 minutes), but a roll (which pauses the range's
+    /// appends while the old segment is closed and sealed) rarely: at most once per 100 000
+    /// updates, the default checkpoint spacing.
     pub fn changelog() -> Self {
         StreamConfig {
             segment_max_bytes: 64 << 20,
-            segment_max_entries: 10_000,
+            segment_max_entries: 100_000,
             segment_max_age: Duration::from_secs(600),
             ..Default::default()
         }

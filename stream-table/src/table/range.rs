@@ -30,6 +30,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use parking_lot::{Mutex, RwLock};
+use quire_metadata::MetaError;
 use quire_metadata::session::Session;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
@@ -750,9 +751,30 @@ async fn run_checkpoint(inner: &Inner) -> Result<Checkpoint> {
         let (current, replaced) =
             match checkpoint::publish(tables.store(), &inner.table, inner.range, &cp).await {
                 Ok(r) => r,
-                Err(e) => {
+                // Certainly not published (a CAS or create that lost): ours is not needed.
+                Err(
+                    e @ Error::Metadata(
+                        MetaError::BadVersion { .. }
+                        | MetaError::AlreadyExists(_)
+                        | MetaError::NotFound(_),
+                    ),
+                ) => {
                     checkpoint::discard(tables.client(), cp.ledger).await;
                     return Err(e);
+                }
+                // The outcome is unknown (the update may have gone through): look before
+                // deleting anything, and when in doubt keep the ledger (an orphan is harmless,
+                // a pointer to a deleted ledger is not).
+                Err(e) => {
+                    match checkpoint::read_pointer(tables.store(), &inner.table, inner.range).await
+                    {
+                        Ok(Some((cur, _))) if cur.ledger == cp.ledger => (cur, None),
+                        Ok(_) => {
+                            checkpoint::discard(tables.client(), cp.ledger).await;
+                            return Err(e);
+                        }
+                        Err(_) => return Err(e),
+                    }
                 }
             };
         if current.ledger != cp.ledger {
