@@ -787,3 +787,31 @@ async fn replay_refuses_a_gap_or_garbage_in_the_changelog() {
     assert_eq!(r.stats().revision, 1);
     r.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_created_again_does_not_inherit_a_deleted_tables_leftovers() {
+    let c = Cluster::start(3).await;
+    let t = tables(&c).await;
+    let name = Name::new("ns", "again").unwrap();
+    t.create(&name, one_range()).await.unwrap();
+    let s1 = session(&c).await;
+    let r1 = t.open_range(&name, 0, &s1, me("s1")).await.unwrap();
+    write_batch(&r1, 1, 30).await;
+    r1.checkpoint().await.unwrap();
+    write_batch(&r1, 2, 10).await;
+    // An interrupted delete: only the table record went; the owner then vanished.
+    c.store
+        .delete(&quire_stream_table::layout::table_key(&name), None)
+        .await
+        .unwrap();
+    drop(r1);
+    c.store.revoke_lease(s1.lease()).await.unwrap();
+
+    t.create(&name, one_range()).await.unwrap();
+    let s2 = session(&c).await;
+    let r2 = t.open_range(&name, 0, &s2, me("s2")).await.unwrap();
+    assert_eq!(dump(&r2).await, vec![], "the new table starts empty");
+    assert_eq!(r2.stats().revision, 0);
+    r2.put(b("k"), Value::Number(7), None, false).await.unwrap();
+    assert_eq!(r2.get(&b("k")).await.unwrap().unwrap().version, 1);
+}

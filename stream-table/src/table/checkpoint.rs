@@ -161,6 +161,12 @@ pub async fn publish(
             Ok((cp.clone(), (cur.ledger != cp.ledger).then_some(cur.ledger)))
         }
         None => {
+            // A first pointer only for a table that still exists: an owner left over from a
+            // deleted table must not leave a pointer that a table created again under the same
+            // name would pick up.
+            if store.get(&layout::table_key(table)).await?.is_none() {
+                return Err(Error::NoSuchTable(table.to_string()));
+            }
             store.create(&key, value, None).await?;
             Ok((cp.clone(), None))
         }

@@ -177,6 +177,9 @@ impl Tables {
     /// [`Tables::open_range`] creates a missing changelog).
     pub async fn create(&self, name: &Name, cfg: TableConfig) -> Result<TableMeta> {
         cfg.check()?;
+        if self.store.get(&layout::table_key(name)).await?.is_none() {
+            self.remove_leftovers(name).await?;
+        }
         let meta = TableMeta {
             name: name.clone(),
             config: cfg,
@@ -199,6 +202,45 @@ impl Tables {
         }
         tracing::info!(table = %name, ranges = meta.config.ranges, "table created");
         Ok(meta)
+    }
+
+    /// Removes what a deleted table of this name may have left behind (an interrupted delete, or
+    /// an owner that was still running): checkpoint pointers and changelog streams. Deleting a
+    /// changelog fences its old writer. Without this, a table created again under the name
+    /// would restore the old table's state.
+    async fn remove_leftovers(&self, name: &Name) -> Result<()> {
+        let pointers = format!("{}{}/", layout::TABLE_CHECKPOINTS, name.path());
+        for kv in quire_metadata::store::list_all(&*self.store, &pointers).await? {
+            if let Some(r) = kv
+                .key
+                .strip_prefix(&pointers)
+                .and_then(|t| t.parse::<u32>().ok())
+            {
+                tracing::warn!(table = %name, range = r, "removing a checkpoint left by a deleted table");
+                checkpoint::remove(&self.client, &self.store, name, r).await?;
+            }
+        }
+        let prefix = format!(
+            "{}{}/{}.{}.",
+            layout::STREAMS,
+            crate::names::INTERNAL_NAMESPACE,
+            name.namespace,
+            name.name
+        );
+        let kvs = quire_metadata::store::list_all(&*self.store, &prefix).await?;
+        for kv in kvs {
+            let Some(tail) = kv.key.strip_prefix(&prefix) else {
+                continue;
+            };
+            // Only this table's changelogs: `<ns>.<name>.<range>`, not `<ns>.<name>.x.<range>`.
+            let Ok(r) = tail.parse::<u32>() else { continue };
+            tracing::warn!(table = %name, range = r, "removing a changelog left by a deleted table");
+            match self.streams.delete(&Name::changelog(name, r)).await {
+                Ok(()) | Err(Error::NoSuchStream(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     async fn ensure_changelog(&self, name: &Name, r: u32, cfg: &TableConfig) -> Result<()> {
