@@ -312,32 +312,8 @@ async fn write(target: &Target, layout: &Layout, in_flight: usize) -> anyhow::Re
     anyhow::ensure!(in_flight > 0, "--in-flight must be positive");
     let opts = layout.options()?;
     let client = connect(target).await?;
-    // Lines come from a blocking reader thread, so a slow producer never stalls the runtime.
     let (tx, mut lines) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(STDIN_QUEUE);
-    std::thread::spawn(move || {
-        let mut stdin = std::io::stdin().lock();
-        loop {
-            let mut line = Vec::new();
-            let r = match stdin.read_until(b'\n', &mut line) {
-                Ok(0) => return,
-                Ok(_) => {
-                    if line.last() == Some(&b'\n') {
-                        line.pop();
-                        if line.last() == Some(&b'\r') {
-                            line.pop();
-                        }
-                    }
-                    Ok(Bytes::from(line))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => Err(e),
-            };
-            let failed = r.is_err();
-            if tx.blocking_send(r).is_err() || failed {
-                return;
-            }
-        }
-    });
+    stdin_lines(tx);
     let w = client.create(opts).await?;
     let id = w.id();
     let appended: anyhow::Result<()> = async {
@@ -650,6 +626,36 @@ pub(crate) fn format_time_ms(ms: u64) -> String {
         rem % 60,
         ms % 1000
     )
+}
+
+/// Reads stdin line by line (without the `\n` or `\r\n`) into `tx`, on a blocking thread so
+/// that a slow producer never stalls the runtime; stops at the end, at a read error (sent on),
+/// or when the receiver is gone.
+pub(crate) fn stdin_lines(tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>) {
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            let mut line = Vec::new();
+            let r = match stdin.read_until(b'\n', &mut line) {
+                Ok(0) => return,
+                Ok(_) => {
+                    if line.last() == Some(&b'\n') {
+                        line.pop();
+                        if line.last() == Some(&b'\r') {
+                            line.pop();
+                        }
+                    }
+                    Ok(Bytes::from(line))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => Err(e),
+            };
+            let failed = r.is_err();
+            if tx.blocking_send(r).is_err() || failed {
+                return;
+            }
+        }
+    });
 }
 
 #[cfg(test)]

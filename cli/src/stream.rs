@@ -5,7 +5,7 @@
 //! `--json` one object per line: `{"offset": N, "text": ...}`, or `"payload_base64"` instead of
 //! `"text"` for a payload that is not UTF-8.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -259,32 +259,7 @@ async fn append(s: &StreamHandle, data: Vec<String>, in_flight: usize) -> anyhow
     );
     let mut records = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(STDIN_QUEUE);
     if data.is_empty() {
-        // Lines come from a blocking reader thread, so a slow producer never stalls the runtime.
-        let tx = records.0.clone();
-        std::thread::spawn(move || {
-            let mut stdin = std::io::stdin().lock();
-            loop {
-                let mut line = Vec::new();
-                let r = match stdin.read_until(b'\n', &mut line) {
-                    Ok(0) => return,
-                    Ok(_) => {
-                        if line.last() == Some(&b'\n') {
-                            line.pop();
-                            if line.last() == Some(&b'\r') {
-                                line.pop();
-                            }
-                        }
-                        Ok(Bytes::from(line))
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => Err(e),
-                };
-                let failed = r.is_err();
-                if tx.blocking_send(r).is_err() || failed {
-                    return;
-                }
-            }
-        });
+        crate::ledger::stdin_lines(records.0.clone());
     } else {
         let tx = records.0.clone();
         tokio::spawn(async move {

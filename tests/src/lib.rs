@@ -253,6 +253,42 @@ impl TestProcess {
         }
     }
 
+    /// Starts `quire <args> --addr-file F` (a role that writes its bound address as the first
+    /// line of its address file) and returns that address; panics with its stderr when it exits
+    /// or does not serve within `timeout`.
+    async fn start_role(
+        &mut self,
+        args: &[&str],
+        addr_file: &Path,
+        timeout: Duration,
+    ) -> SocketAddr {
+        let _ = std::fs::remove_file(addr_file);
+        self.spawn(|cmd| {
+            cmd.args(args).arg("--addr-file").arg(addr_file);
+        });
+        let deadline = Instant::now() + timeout;
+        match self
+            .wait_ready(deadline, || {
+                std::fs::read_to_string(addr_file)
+                    .ok()
+                    .and_then(|t| t.lines().next()?.trim().parse::<SocketAddr>().ok())
+            })
+            .await
+        {
+            Ok(a) => a,
+            Err(Some(status)) => panic!(
+                "{} exited with {status} instead of serving; stderr:\n{}",
+                self.what,
+                tail(&self.last_stderr(), 40)
+            ),
+            Err(None) => panic!(
+                "{} did not serve within {timeout:?}; stderr:\n{}",
+                self.what,
+                tail(&self.last_stderr(), 40)
+            ),
+        }
+    }
+
     fn is_running(&self) -> bool {
         self.child.is_some()
     }
@@ -1663,41 +1699,21 @@ impl AutoRecoveryProcess {
         if self.is_running() {
             self.terminate().await;
         }
-        let _ = std::fs::remove_file(&self.addr_file);
-        self.proc.spawn(|cmd| {
-            cmd.arg("autorecovery")
-                .arg("--metadata")
-                .arg(&self.metadata)
-                .arg("--id")
-                .arg(&self.id)
-                .args(["--http", "127.0.0.1:0"])
-                .arg("--addr-file")
-                .arg(&self.addr_file)
-                .args(&self.args);
-        });
-        let deadline = Instant::now() + AUTORECOVERY_TIMEOUT;
-        let addr_file = &self.addr_file;
-        match self
+        let mut args = vec![
+            "autorecovery",
+            "--metadata",
+            &self.metadata,
+            "--id",
+            &self.id,
+            "--http",
+            "127.0.0.1:0",
+        ];
+        args.extend(self.args.iter().map(String::as_str));
+        let addr = self
             .proc
-            .wait_ready(deadline, || {
-                std::fs::read_to_string(addr_file)
-                    .ok()
-                    .and_then(|t| t.lines().next()?.trim().parse::<SocketAddr>().ok())
-            })
-            .await
-        {
-            Ok(a) => self.http = Some(a),
-            Err(Some(status)) => panic!(
-                "autorecovery {} exited with {status} instead of serving; stderr:\n{}",
-                self.id,
-                tail(&self.last_stderr(), 40)
-            ),
-            Err(None) => panic!(
-                "autorecovery {} did not serve within {AUTORECOVERY_TIMEOUT:?}; stderr:\n{}",
-                self.id,
-                tail(&self.last_stderr(), 40)
-            ),
-        }
+            .start_role(&args, &self.addr_file, AUTORECOVERY_TIMEOUT)
+            .await;
+        self.http = Some(addr);
     }
 
     /// Its name in the auditor election, the worker list and ledger locks.
@@ -1810,41 +1826,21 @@ impl StreamTableProcess {
         if self.is_running() {
             self.terminate().await;
         }
-        let _ = std::fs::remove_file(&self.addr_file);
-        self.proc.spawn(|cmd| {
-            cmd.arg("stream-table")
-                .arg("--metadata")
-                .arg(&self.metadata)
-                .arg("--id")
-                .arg(&self.id)
-                .args(["--listen", "127.0.0.1:0"])
-                .arg("--addr-file")
-                .arg(&self.addr_file)
-                .args(&self.args);
-        });
-        let deadline = Instant::now() + STREAM_TABLE_TIMEOUT;
-        let addr_file = &self.addr_file;
-        match self
+        let mut args = vec![
+            "stream-table",
+            "--metadata",
+            &self.metadata,
+            "--id",
+            &self.id,
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        args.extend(self.args.iter().map(String::as_str));
+        let addr = self
             .proc
-            .wait_ready(deadline, || {
-                std::fs::read_to_string(addr_file)
-                    .ok()
-                    .and_then(|t| t.lines().next()?.trim().parse::<SocketAddr>().ok())
-            })
-            .await
-        {
-            Ok(a) => self.addr = Some(a),
-            Err(Some(status)) => panic!(
-                "stream-table {} exited with {status} instead of serving; stderr:\n{}",
-                self.id,
-                tail(&self.last_stderr(), 40)
-            ),
-            Err(None) => panic!(
-                "stream-table {} did not serve within {STREAM_TABLE_TIMEOUT:?}; stderr:\n{}",
-                self.id,
-                tail(&self.last_stderr(), 40)
-            ),
-        }
+            .start_role(&args, &self.addr_file, STREAM_TABLE_TIMEOUT)
+            .await;
+        self.addr = Some(addr);
     }
 
     pub fn id(&self) -> &str {

@@ -123,6 +123,13 @@ impl<K: Eq + Hash + Clone, V: Clone> Cache<K, V> {
             }
             slots.entry(key.clone()).or_default().clone()
         };
+        // Fast path: the value is there and nobody is opening it.
+        if let Ok(g) = slot.try_lock()
+            && let Some(v) = g.as_ref()
+            && healthy(v)
+        {
+            return Ok(v.clone());
+        }
         let mut guard = slot.lock().await;
         if let Some(v) = guard.as_ref() {
             if healthy(v) {
@@ -174,7 +181,9 @@ pub(crate) struct Inner {
     store: DynStore,
     pub(crate) streams: Streams,
     pub(crate) tables: Tables,
-    session: tokio::sync::Mutex<Arc<Session>>,
+    /// The live session (read on every request); `renewing` serializes replacing a lost one.
+    session: parking_lot::RwLock<Arc<Session>>,
+    renewing: tokio::sync::Mutex<()>,
     writers: Cache<Name, StreamWriter>,
     ranges: Cache<(Name, u32), Range>,
     metas: Mutex<HashMap<Name, TableMeta>>,
@@ -209,7 +218,8 @@ impl StreamTableServer {
                 store,
                 streams,
                 tables,
-                session: tokio::sync::Mutex::new(session),
+                session: parking_lot::RwLock::new(session),
+                renewing: tokio::sync::Mutex::new(()),
                 metas: Mutex::new(HashMap::new()),
                 stopping: AtomicBool::new(false),
             }),
@@ -259,7 +269,7 @@ impl StreamTableServer {
         {
             tracing::warn!("writers and ranges not closed within {t:?}; their leases lapse");
         }
-        let session = inner.session.lock().await.clone();
+        let session = inner.session.read().clone();
         let _ = inner
             .store
             .delete(&layout::server_key(&inner.cfg.id), None)
@@ -312,16 +322,22 @@ impl Inner {
 
     /// The live session; a lost one is replaced, and what it held is dropped.
     async fn session(&self) -> Result<Arc<Session>> {
-        let mut s = self.session.lock().await;
-        if s.is_lost() {
-            tracing::warn!(id = %self.cfg.id, "session lost: dropping its writers and ranges");
-            self.writers.drain();
-            self.ranges.drain();
-            let fresh = Arc::new(Session::start(self.store.clone(), self.cfg.session_ttl).await?);
-            register(&self.store, &self.cfg, &fresh).await?;
-            *s = fresh;
+        let current = self.session.read().clone();
+        if !current.is_lost() {
+            return Ok(current);
         }
-        Ok(s.clone())
+        let _renewing = self.renewing.lock().await;
+        let current = self.session.read().clone();
+        if !current.is_lost() {
+            return Ok(current); // another request replaced it meanwhile
+        }
+        tracing::warn!(id = %self.cfg.id, "session lost: dropping its writers and ranges");
+        self.writers.drain();
+        self.ranges.drain();
+        let fresh = Arc::new(Session::start(self.store.clone(), self.cfg.session_ttl).await?);
+        register(&self.store, &self.cfg, &fresh).await?;
+        *self.session.write() = fresh.clone();
+        Ok(fresh)
     }
 
     pub(crate) async fn writer(&self, name: &Name) -> Result<StreamWriter> {

@@ -145,6 +145,11 @@ pub struct StreamMeta {
     pub start_offset: u64,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_ms: u64,
+    /// Bumped by each writer as it opens (after taking the lease). A writer changes the segment
+    /// list only while the epoch is still its own, so once a new writer has claimed the stream
+    /// its predecessor can no longer roll under it, even before it learns its lease is gone.
+    #[serde(default)]
+    pub writer_epoch: u64,
 }
 
 impl StreamMeta {
@@ -215,6 +220,7 @@ pub(crate) fn fenced(name: &Name, why: &str) -> Error {
 pub(crate) fn seal_and_add(
     name: &Name,
     meta: &mut StreamMeta,
+    epoch: u64,
     last: Last,
     seq: u64,
     ledger: u64,
@@ -222,6 +228,7 @@ pub(crate) fn seal_and_add(
     if meta.segments.last().is_some_and(|s| s.ledger == ledger) {
         return Ok(false);
     }
+    check_epoch(name, meta, epoch)?;
     match (last, meta.segments.last_mut()) {
         (Last::None, None) => {}
         (Last::Segment { ledger: l, count }, Some(s)) if s.ledger == l => match s.count {
@@ -249,10 +256,26 @@ pub(crate) fn seal_and_add(
     Ok(true)
 }
 
+fn check_epoch(name: &Name, meta: &StreamMeta, epoch: u64) -> Result<()> {
+    if meta.writer_epoch == epoch {
+        Ok(())
+    } else {
+        Err(fenced(name, "another writer took over"))
+    }
+}
+
 /// Seals the open last segment on `ledger` with `count` records (a writer closing).
-pub(crate) fn seal(name: &Name, meta: &mut StreamMeta, ledger: u64, count: u64) -> Result<bool> {
+pub(crate) fn seal(
+    name: &Name,
+    meta: &mut StreamMeta,
+    epoch: u64,
+    ledger: u64,
+    count: u64,
+) -> Result<bool> {
+    let current = meta.writer_epoch;
     match meta.segments.last_mut() {
         Some(s) if s.ledger == ledger => match s.count {
+            None if current != epoch => Err(fenced(name, "another writer took over")),
             None => {
                 s.count = Some(count);
                 Ok(true)
@@ -290,7 +313,54 @@ pub(crate) async fn load(store: &DynStore, name: &Name) -> Result<(StreamMeta, u
 }
 
 pub(crate) fn decode_meta(kv: &KeyValue) -> Result<StreamMeta> {
-    decode(META_MAGIC, META_VERSION, &kv.key, &kv.value).map_err(|e| Error::Corrupt(e.to_string()))
+    let m: StreamMeta = decode(META_MAGIC, META_VERSION, &kv.key, &kv.value)
+        .map_err(|e| Error::Corrupt(e.to_string()))?;
+    check_shape(&kv.key, &m)?;
+    Ok(m)
+}
+
+/// Offsets far below `u64::MAX`, so the sums code makes of stored offsets (a segment's start
+/// plus an entry id or its count, `seq + 1`) cannot overflow.
+const OFFSET_LIMIT: u64 = 1 << 62;
+
+/// The invariants every stored segment list keeps, checked once when it is read so that no
+/// later arithmetic on it can overflow or go backwards: segments in `seq` order, each
+/// starting where the previous one ended, only the last one open, the start offset within the
+/// list.
+fn check_shape(key: &str, m: &StreamMeta) -> Result<()> {
+    let bad = |why: String| Err(Error::Corrupt(format!("{key}: {why}")));
+    let mut expected_start = m
+        .segments
+        .first()
+        .map_or(m.start_offset, |s| s.start_offset);
+    if m.start_offset != expected_start {
+        return bad(format!(
+            "start offset {} is not the first segment's {expected_start}",
+            m.start_offset
+        ));
+    }
+    let mut prev_seq: Option<u64> = None;
+    for (i, s) in m.segments.iter().enumerate() {
+        if s.start_offset != expected_start || s.seq >= OFFSET_LIMIT {
+            return bad(format!(
+                "segment {} starts at {}, expected {expected_start}",
+                s.seq, s.start_offset
+            ));
+        }
+        if prev_seq.is_some_and(|p| s.seq <= p) {
+            return bad(format!("segment {} follows segment {prev_seq:?}", s.seq));
+        }
+        prev_seq = Some(s.seq);
+        match s.count {
+            Some(c) => expected_start = s.start_offset.saturating_add(c),
+            None if i + 1 == m.segments.len() => {}
+            None => return bad(format!("segment {} is open but not the last", s.seq)),
+        }
+        if expected_start >= OFFSET_LIMIT {
+            return bad(format!("segment {} ends past {OFFSET_LIMIT}", s.seq));
+        }
+    }
+    Ok(())
 }
 
 /// Reads the metadata, applies `change` and writes it by CAS, again from a fresh read when
@@ -364,6 +434,7 @@ mod tests {
             start_offset: segments.first().map_or(0, |s| s.start_offset),
             segments,
             created_ms: 1,
+            writer_epoch: 0,
         }
     }
 
@@ -415,6 +486,35 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_list_that_breaks_its_invariants_is_corrupt() {
+        let kv = |m: &StreamMeta| KeyValue {
+            key: "/k".into(),
+            value: m.encode(),
+            version: 1,
+            create_revision: 1,
+            mod_revision: 1,
+            lease: 0,
+        };
+        for bad in [
+            // Offsets near u64::MAX: later sums would overflow.
+            meta(vec![seg(0, 7, u64::MAX - 1, Some(3))]),
+            // A gap between segments.
+            meta(vec![seg(0, 7, 0, Some(3)), seg(1, 9, 5, None)]),
+            // An open segment that is not the last.
+            meta(vec![seg(0, 7, 0, None), seg(1, 9, 0, None)]),
+            // Sequence numbers going backwards.
+            meta(vec![seg(3, 7, 0, Some(3)), seg(1, 9, 3, None)]),
+        ] {
+            let mut bad = bad;
+            bad.start_offset = bad.segments[0].start_offset;
+            assert!(
+                matches!(decode_meta(&kv(&bad)), Err(Error::Corrupt(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
     fn meta_round_trips_with_durations_in_ms() {
         let m = meta(vec![seg(0, 7, 0, Some(3)), seg(1, 9, 3, None)]);
         let bytes = m.encode();
@@ -441,17 +541,17 @@ mod tests {
     fn first_segment_and_takeover() {
         let n = name();
         let mut m = meta(vec![]);
-        assert!(seal_and_add(&n, &mut m, Last::None, 0, 10).unwrap());
+        assert!(seal_and_add(&n, &mut m, 0, Last::None, 0, 10).unwrap());
         assert_eq!(m.segments, vec![seg(0, 10, 0, None)]);
         // Applied already (a CAS whose answer was lost): nothing to do.
-        assert!(!seal_and_add(&n, &mut m, Last::None, 0, 10).unwrap());
+        assert!(!seal_and_add(&n, &mut m, 0, Last::None, 0, 10).unwrap());
         // A takeover seals the open segment with the recovered count.
         let mut t = m.clone();
         let last = Last::Segment {
             ledger: 10,
             count: 5,
         };
-        assert!(seal_and_add(&n, &mut t, last, 1, 11).unwrap());
+        assert!(seal_and_add(&n, &mut t, 0, last, 1, 11).unwrap());
         assert_eq!(
             t.segments,
             vec![seg(0, 10, 0, Some(5)), seg(1, 11, 5, None)]
@@ -459,26 +559,47 @@ mod tests {
         // A writer that saw the old list is fenced.
         let mut u = t.clone();
         assert!(matches!(
-            seal_and_add(&n, &mut u, last, 1, 12),
+            seal_and_add(&n, &mut u, 0, last, 1, 12),
             Err(Error::Fenced(_))
         ));
         assert!(matches!(
-            seal_and_add(&n, &mut u, Last::None, 0, 12),
+            seal_and_add(&n, &mut u, 0, Last::None, 0, 12),
             Err(Error::Fenced(_))
         ));
         // Sealed already (a clean close) with the same count: only the new segment goes in.
         let mut c = meta(vec![seg(0, 10, 0, Some(5))]);
-        assert!(seal_and_add(&n, &mut c, last, 1, 11).unwrap());
+        assert!(seal_and_add(&n, &mut c, 0, last, 1, 11).unwrap());
         assert_eq!(c.segments[1], seg(1, 11, 5, None));
+    }
+
+    #[test]
+    fn a_writer_whose_epoch_was_taken_changes_nothing() {
+        let n = name();
+        let mut m = meta(vec![seg(0, 10, 0, None)]);
+        m.writer_epoch = 2;
+        let before = m.clone();
+        let last = Last::Segment {
+            ledger: 10,
+            count: 5,
+        };
+        // The old writer (epoch 1) can neither roll nor seal.
+        assert!(matches!(
+            seal_and_add(&n, &mut m, 1, last, 1, 11),
+            Err(Error::Fenced(_))
+        ));
+        assert!(matches!(seal(&n, &mut m, 1, 10, 5), Err(Error::Fenced(_))));
+        assert_eq!(m, before);
+        // The writer holding the epoch can.
+        assert!(seal_and_add(&n, &mut m, 2, last, 1, 11).unwrap());
     }
 
     #[test]
     fn seal_only_own_segment() {
         let n = name();
         let mut m = meta(vec![seg(0, 10, 0, Some(5)), seg(1, 11, 5, None)]);
-        assert!(matches!(seal(&n, &mut m, 10, 5), Err(Error::Fenced(_))));
-        assert!(seal(&n, &mut m, 11, 2).unwrap());
-        assert!(!seal(&n, &mut m, 11, 2).unwrap());
+        assert!(matches!(seal(&n, &mut m, 0, 10, 5), Err(Error::Fenced(_))));
+        assert!(seal(&n, &mut m, 0, 11, 2).unwrap());
+        assert!(!seal(&n, &mut m, 0, 11, 2).unwrap());
         assert_eq!(m.sealed_end(), Some(7));
         assert_eq!(m.next_seq(), 2);
     }

@@ -85,6 +85,7 @@ impl Streams {
             segments: Vec::new(),
             start_offset: 0,
             created_ms: now_ms(),
+            writer_epoch: 0,
         };
         let key = layout::stream_key(name);
         match meta::retry_transient(|| self.store.create(&key, meta.encode(), None)).await {

@@ -1,7 +1,8 @@
 //! The stream writer: lease, takeover, the append pipeline and segment rolling.
 //!
 //! Opening: take the lease (an ephemeral key under the caller's session, re-entrant for the
-//! same session), recover the last segment if it is open (this fences its old writer), create a
+//! same session), claim the stream by bumping its writer epoch (from then on the old writer's
+//! segment-list changes are refused, even if it has not noticed its lease is gone), recover the last segment if it is open (this fences its old writer), create a
 //! ledger for a new segment, and add it by one CAS that also seals the recovered segment with its
 //! count. The writer is then positioned at the new segment's start.
 //!
@@ -63,6 +64,8 @@ struct Shared {
     session: Arc<Session>,
     me: WriterInfo,
     config: StreamConfig,
+    /// The writer epoch this writer claimed; its segment-list changes require it.
+    epoch: u64,
     current: Arc<tokio::sync::Mutex<Current>>,
     /// The first fatal error (or the close); set once.
     failed: parking_lot::Mutex<Option<Error>>,
@@ -118,14 +121,20 @@ pub(super) async fn open(
     // NoSuchStream before LeaseHeld.
     meta::load(&store, name).await?;
     take_lease(&store, name, session, &me).await?;
+    let (claimed, _) = meta::update(&store, name, |m| {
+        m.writer_epoch = m.writer_epoch.wrapping_add(1);
+        Ok(true)
+    })
+    .await?;
+    let epoch = claimed.writer_epoch;
 
     let mut attempt = 0;
     let (m, writer, seq) = loop {
         attempt += 1;
-        match take_over(&store, &client, name).await {
+        match take_over(&store, &client, name, epoch).await {
             Ok(r) => break r,
-            // The segment list changed between our read and our CAS: the old writer rolled
-            // just before it was fenced. Its new segment is the one to recover now.
+            // The segment list changed between our read and our CAS (the old writer's roll
+            // was under way as we claimed the stream): recover its new segment now.
             Err(Error::Fenced(why)) if attempt < TAKEOVER_ATTEMPTS => {
                 tracing::info!(stream = %name, why, "segment list changed during takeover; again");
             }
@@ -160,6 +169,7 @@ pub(super) async fn open(
             session: session.clone(),
             me,
             config: m.config,
+            epoch,
             current: Arc::new(tokio::sync::Mutex::new(current)),
             failed: parking_lot::Mutex::new(None),
             end: AtomicU64::new(start_offset),
@@ -175,8 +185,12 @@ async fn take_over(
     store: &DynStore,
     client: &Client,
     name: &Name,
+    epoch: u64,
 ) -> Result<(meta::StreamMeta, LedgerWriter, u64)> {
     let (m, _) = meta::load(store, name).await?;
+    if m.writer_epoch != epoch {
+        return Err(fenced(name, "another writer took over"));
+    }
     let last = match m.segments.last() {
         None => Last::None,
         Some(s) => match s.count {
@@ -202,7 +216,11 @@ async fn take_over(
     let seq = m.next_seq();
     let writer = create_ledger(client, name, &m.config, seq).await?;
     let id = writer.id();
-    match meta::update(store, name, |m| meta::seal_and_add(name, m, last, seq, id)).await {
+    match meta::update(store, name, |m| {
+        meta::seal_and_add(name, m, epoch, last, seq, id)
+    })
+    .await
+    {
         Ok((m, _)) => Ok((m, writer, seq)),
         Err(e) => {
             abandon(client, name, writer, &e).await;
@@ -388,7 +406,10 @@ impl StreamWriter {
                 .map_err(|e| ledger_error(name, e))?;
             let count = (closed.last_entry_id + 1) as u64;
             let ledger = cur.writer.id();
-            meta::update(&shared.store, name, |m| meta::seal(name, m, ledger, count)).await?;
+            meta::update(&shared.store, name, |m| {
+                meta::seal(name, m, shared.epoch, ledger, count)
+            })
+            .await?;
             Ok::<u64, Error>(count)
         }
         .await;
@@ -466,7 +487,7 @@ async fn roll(
     let last = Last::Segment { ledger: old, count };
     let id = next.id();
     let r = meta::update(&shared.store, name, |m| {
-        meta::seal_and_add(name, m, last, seq, id)
+        meta::seal_and_add(name, m, shared.epoch, last, seq, id)
     })
     .await;
     let start_offset = match r {

@@ -232,7 +232,7 @@ impl Store {
 
     /// Applies a logged effect; it must be the next revision.
     pub fn apply(&mut self, effect: &Effect) -> Result<()> {
-        if effect.revision != self.revision + 1 {
+        if Some(effect.revision) != self.revision.checked_add(1) {
             return Err(Error::Corrupt(format!(
                 "changelog record of revision {} follows revision {}",
                 effect.revision, self.revision
@@ -317,7 +317,8 @@ impl<'a> View<'a> {
         let entry = match cur {
             Some(e) => Entry {
                 value,
-                version: e.version + 1,
+                // Stored versions come from disk: never overflow on a corrupt one.
+                version: e.version.saturating_add(1),
                 create_revision: e.create_revision,
                 mod_revision: revision,
             },
@@ -438,7 +439,9 @@ impl Machine {
     /// Evaluates a command against committed-then-pending state. Changes nothing.
     pub fn evaluate(&self, store: &Store, cmd: &Command) -> Result<Evaluated> {
         cmd.check()?;
-        let rev = self.revision + 1;
+        let rev = self.revision.checked_add(1).ok_or_else(|| {
+            Error::Corrupt(format!("range revision {} cannot grow", self.revision))
+        })?;
         let mut view = View {
             store,
             machine: self,
