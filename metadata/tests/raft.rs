@@ -66,11 +66,12 @@ async fn a_node_behind_a_purged_log_catches_up_by_snapshot() {
             .await
             .unwrap();
     }
+    // Snapshots and purges run in the background, after the writes are acknowledged.
+    wait_for("the leader to purge its log after a snapshot", async || {
+        nodes[0].node.raft.metrics().borrow().purged.is_some()
+    })
+    .await;
     let leader_status = nodes[0].node.status();
-    assert!(
-        nodes[0].node.raft.metrics().borrow().purged.is_some(),
-        "the leader purged its log after snapshotting"
-    );
     let n3 = node(3, n3_addr, dir.path()).await;
     wait_for("node 3 to catch up", async || {
         n3.node.status().last_applied >= leader_status.last_applied
