@@ -733,7 +733,10 @@ async fn lost_bookie_is_restored_by_in_bookie_autorecovery() {
         assert_eq!(under_replicated(&last), 0, "{last}");
         // The bookie's own /metrics carries its autorecovery's: the auditor's says so.
         let ab = &c.bookies[c.bookie_index(&auditor)];
-        assert_eq!(ab.metric("quire_autorecovery_auditor_active"), Some(1.0));
+        wait_until(WAIT, "the auditor's gauge", || async {
+            ab.metric("quire_autorecovery_auditor_active") == Some(1.0)
+        })
+        .await;
         assert!(ab.metric("quire_bookie_adds_total").is_some());
         // The dead bookie's worker leaves the list with its autorecovery session.
         wait_until(
@@ -776,10 +779,11 @@ async fn daemons_survive_auditor_and_worker_kills() {
         .await;
         let ai = c.daemon_index(&first_auditor);
         let standby = c.daemons[1 - ai].id().to_string();
-        assert_eq!(
-            c.daemons[ai].metric("quire_autorecovery_auditor_active"),
-            Some(1.0)
-        );
+        // The gauge is set just after the election key is won.
+        wait_until(WAIT, "the auditor's gauge", || async {
+            c.daemons[ai].metric("quire_autorecovery_auditor_active") == Some(1.0)
+        })
+        .await;
         assert_eq!(
             c.daemons[1 - ai].metric("quire_autorecovery_auditor_active"),
             Some(0.0)
@@ -837,10 +841,10 @@ async fn daemons_survive_auditor_and_worker_kills() {
             "the new auditor's term started before the old one was killed: {s}"
         );
         let si = c.daemon_index(&standby);
-        assert_eq!(
-            c.daemons[si].metric("quire_autorecovery_auditor_active"),
-            Some(1.0)
-        );
+        wait_until(WAIT, "the new auditor's gauge", || async {
+            c.daemons[si].metric("quire_autorecovery_auditor_active") == Some(1.0)
+        })
+        .await;
         // Its HTTP status says the same as the CLI.
         let http = c.daemons[si].status();
         assert_eq!(
@@ -925,20 +929,19 @@ async fn daemons_survive_auditor_and_worker_kills() {
                 })
         })
         .await;
-        assert_eq!(
-            c.daemons[si].metric("quire_autorecovery_auditor_active"),
-            Some(1.0)
-        );
-        assert!(
-            c.daemons[si]
-                .metric("quire_autorecovery_bytes_replicated_total")
-                .is_some_and(|b| b > 0.0),
-            "{survivor} reports no bytes replicated"
-        );
-        assert_eq!(
-            c.daemons[si].metric("quire_autorecovery_under_replicated_ledgers"),
-            Some(0.0)
-        );
+        // The gauges follow the auditor's next tick.
+        let d = &c.daemons[si];
+        wait_until(
+            WAIT,
+            &format!("{survivor}'s metrics to show the copies"),
+            || async {
+                d.metric("quire_autorecovery_auditor_active") == Some(1.0)
+                    && d.metric("quire_autorecovery_bytes_replicated_total")
+                        .is_some_and(|b| b > 0.0)
+                    && d.metric("quire_autorecovery_under_replicated_ledgers") == Some(0.0)
+            },
+        )
+        .await;
 
         // A clean stop gives up the auditor role and the worker's entry at once.
         c.daemons[si].terminate().await;
