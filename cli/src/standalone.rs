@@ -99,6 +99,10 @@ fn bookie_config(
     // Three bookies share one machine: smaller caches than a dedicated bookie's defaults.
     cfg.storage.write_cache_bytes_max = 64 << 20;
     cfg.storage.read_cache_bytes_max = 32 << 20;
+    // No polling between journal batches: here three journals share the cores with everything
+    // else, and yielding loops cost more than the wake-ups they save (table puts at 16 in
+    // flight: ~9,300/s without, ~8,800/s with).
+    cfg.journal.spin_us = 0;
     cfg.validate()?;
     Ok(cfg)
 }
