@@ -304,6 +304,73 @@ async fn a_takeover_keeps_every_acknowledged_record_and_fences_the_old_writer() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writers_that_write_nothing_do_not_grow_the_segment_list() {
+    let c = Cluster::start(3).await;
+    let s = streams(&c).await;
+    let name = Name::new("ns", "reopen").unwrap();
+    s.create(&name, small(100)).await.unwrap();
+    let first = session(&c).await;
+    let w = s.open_writer(&name, &first, me("w0")).await.unwrap();
+    for i in 0..3 {
+        assert_eq!(w.append(payload(i)).await.unwrap(), i);
+    }
+    wait_visible(&s, &name, 3).await;
+    // A tail reader waits at the end while writers come and go.
+    let mut r = s.reader(&name).await.unwrap();
+    let tail =
+        tokio::spawn(async move { r.read_wait(3, 10, 1 << 20, Duration::from_secs(60)).await });
+    c.store.revoke_lease(first.lease()).await.unwrap();
+
+    // Writers that open and die without writing: each one's empty segment is replaced by the
+    // next one's, whose ledger takes its place; the replaced ledger is deleted.
+    let mut replaced = Vec::new();
+    let mut last = None;
+    let mut writer = None;
+    for k in 1..=4 {
+        let sess = session(&c).await;
+        let w = s
+            .open_writer(&name, &sess, me(&format!("w{k}")))
+            .await
+            .unwrap();
+        assert_eq!(w.end_offset(), 3);
+        let info = s.info(&name).await.unwrap();
+        assert_eq!(info.segments.len(), 2, "{:?}", info.segments);
+        assert_eq!(info.segments[0].count, Some(3));
+        assert_eq!(info.segments[1].seq, 1);
+        assert_eq!(info.segments[1].start_offset, 3);
+        assert_eq!(info.segments[1].count, None);
+        replaced.extend(last.replace(info.segments[1].ledger));
+        if k < 4 {
+            c.store.revoke_lease(sess.lease()).await.unwrap();
+        } else {
+            writer = Some((w, sess));
+        }
+    }
+    // The last one writes: the reader that waited through it all gets the record.
+    let (w, _sess) = writer.unwrap();
+    assert_eq!(w.append(payload(3)).await.unwrap(), 3);
+    let got = tokio::time::timeout(Duration::from_secs(30), tail)
+        .await
+        .expect("the tail never returned")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.first().map(|r| r.offset), Some(3), "{got:?}");
+    assert_eq!(got[0].payload, payload(3));
+    assert_eq!(replaced.len(), 3);
+    for l in replaced {
+        assert!(
+            matches!(
+                s.client().metadata(l).await,
+                Err(LedgerError::NoSuchLedger(_))
+            ),
+            "the replaced ledger {l} is still there"
+        );
+    }
+    assert_eq!(read_all(&s, &name, 0).await.len(), 4);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn truncation_removes_whole_segments_and_delete_removes_the_ledgers() {
     let c = Cluster::start(3).await;
     let s = streams(&c).await;

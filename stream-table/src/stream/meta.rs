@@ -217,6 +217,10 @@ pub(crate) fn fenced(name: &Name, why: &str) -> Error {
 /// Seals the last segment (`last`) and adds segment `seq` on `ledger` after it. `Ok(true)`: `meta`
 /// changed and must be written; `Ok(false)`: already done. Refuses with `Fenced` when the
 /// segment list is not the one the caller saw (another writer got there).
+///
+/// A last segment that holds no record is *replaced* when `seq` is its own: the new segment
+/// takes its `seq` and start instead of following it, so that writers that open and fail again
+/// and again do not grow the list. The caller deletes the replaced ledger.
 pub(crate) fn seal_and_add(
     name: &Name,
     meta: &mut StreamMeta,
@@ -242,6 +246,18 @@ pub(crate) fn seal_and_add(
             }
         },
         _ => return Err(fenced(name, "another writer changed the segment list")),
+    }
+    if let Some(s) = meta.segments.last_mut()
+        && s.count == Some(0)
+        && s.seq == seq
+    {
+        *s = Segment {
+            seq,
+            ledger,
+            start_offset: s.start_offset,
+            count: None,
+        };
+        return Ok(true);
     }
     if meta.next_seq() != seq {
         return Err(fenced(name, "another writer changed the segment list"));
@@ -570,6 +586,46 @@ mod tests {
         let mut c = meta(vec![seg(0, 10, 0, Some(5))]);
         assert!(seal_and_add(&n, &mut c, 0, last, 1, 11).unwrap());
         assert_eq!(c.segments[1], seg(1, 11, 5, None));
+    }
+
+    #[test]
+    fn an_empty_last_segment_is_replaced() {
+        let n = name();
+        let mut m = meta(vec![seg(0, 10, 0, Some(5)), seg(1, 11, 5, None)]);
+        let empty = Last::Segment {
+            ledger: 11,
+            count: 0,
+        };
+        // The new segment takes the empty one's place: same seq, same start.
+        assert!(seal_and_add(&n, &mut m, 0, empty, 1, 12).unwrap());
+        assert_eq!(
+            m.segments,
+            vec![seg(0, 10, 0, Some(5)), seg(1, 12, 5, None)]
+        );
+        assert!(check_shape("/k", &m).is_ok());
+        // Applied already: nothing to do.
+        assert!(!seal_and_add(&n, &mut m, 0, empty, 1, 12).unwrap());
+        // A segment that holds records is never replaced.
+        let mut full = meta(vec![seg(0, 10, 0, None)]);
+        let last = Last::Segment {
+            ledger: 10,
+            count: 5,
+        };
+        assert!(matches!(
+            seal_and_add(&n, &mut full, 0, last, 0, 12),
+            Err(Error::Fenced(_))
+        ));
+        // Following an empty segment (instead of replacing it) is still allowed.
+        let mut after = meta(vec![seg(0, 10, 0, None)]);
+        let empty = Last::Segment {
+            ledger: 10,
+            count: 0,
+        };
+        assert!(seal_and_add(&n, &mut after, 0, empty, 1, 12).unwrap());
+        assert_eq!(
+            after.segments,
+            vec![seg(0, 10, 0, Some(0)), seg(1, 12, 0, None)]
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //!   not, the writer was replaced and stops with [`Error::Fenced`]. So every record a writer saw
 //!   acknowledged stays in the stream, in order, exactly once.
 //! - **A fresh segment per writer.** A takeover never appends to the recovered ledger (a ledger
-//!   has one writer for life); it may leave an empty segment behind, which costs nothing.
+//!   has one writer for life). When the recovered segment is empty, the new segment replaces it
+//!   (same `seq`, same start) and its ledger is deleted, so that writers that open and fail
+//!   again and again do not grow the list; a reader waiting on the replaced ledger looks again.
 //! - **Rolling in the append path.** A segment is rolled by entries, bytes or age when the next
 //!   append arrives: create the next ledger, close the current one (its pending appends finish
 //!   first, so acknowledgements stay in offset order), then one CAS seals it and adds the new

@@ -139,7 +139,12 @@ impl StreamReader {
                 match &open {
                     Some((r, lac)) => {
                         let asked = Instant::now();
-                        let l = r.wait_lac(*lac, remaining.min(POLL_MAX)).await?;
+                        let l = match r.wait_lac(*lac, remaining.min(POLL_MAX)).await {
+                            Ok(l) => l,
+                            // An empty open segment replaced by a new writer's: look again.
+                            Err(LedgerError::NoSuchLedger(_)) => return Ok(Poll::TimedOut),
+                            Err(e) => return Err(e),
+                        };
                         if l > *lac {
                             return Ok(Poll::Progress);
                         }

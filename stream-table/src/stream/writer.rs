@@ -213,7 +213,11 @@ async fn take_over(
             }
         },
     };
-    let seq = m.next_seq();
+    // An empty last segment (a writer that opened and wrote nothing) is replaced, not followed.
+    let (seq, replaced) = match (last, m.segments.last()) {
+        (Last::Segment { ledger, count: 0 }, Some(s)) => (s.seq, Some(ledger)),
+        _ => (m.next_seq(), None),
+    };
     let writer = create_ledger(client, name, &m.config, seq).await?;
     let id = writer.id();
     match meta::update(store, name, |m| {
@@ -221,7 +225,14 @@ async fn take_over(
     })
     .await
     {
-        Ok((m, _)) => Ok((m, writer, seq)),
+        Ok((m, _)) => {
+            if let Some(old) = replaced
+                && !m.segments.iter().any(|s| s.ledger == old)
+            {
+                super::delete_ledger(client, name, old).await;
+            }
+            Ok((m, writer, seq))
+        }
         Err(e) => {
             abandon(client, name, writer, &e).await;
             Err(e)
