@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use quire_bookie::BookieConfig;
-use quire_ledger_client::{Client, ClientConfig};
+use quire_ledger_client::Client;
 use quire_metadata::DynStore;
 use quire_metadata::bookies::BookieRegistry;
 use quire_stream_table::server::{ServerConfig, StreamTableServer};
@@ -204,7 +204,8 @@ async fn start(
     }
     wait_registered(store.clone(), &bookies).await?;
 
-    let client_cfg = ClientConfig::new(uri.clone());
+    // Shared by the ledger API and the stream-table server: both have tailing readers.
+    let client_cfg = quire_stream_table::server::ledger_client_config(uri.clone());
     let gateway_cfg = crate::ledger_api::gateway_config(&client_cfg, args.max_writers);
     let client = Client::connect(client_cfg)
         .await

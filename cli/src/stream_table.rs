@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use quire_ledger_client::{Client, ClientConfig};
+use quire_ledger_client::Client;
 use quire_stream_table::server::{ServerConfig, StreamTableServer};
 
 use crate::bench::parse_duration;
@@ -89,9 +89,12 @@ pub async fn run(args: StreamTableArgs) -> anyhow::Result<()> {
     let store = quire_metadata::connect(&args.metadata)
         .await
         .with_context(|| format!("connecting to the metadata store {}", args.metadata))?;
-    let client = Client::with_store(store.clone(), ClientConfig::new(args.metadata.clone()))
-        .await
-        .context("starting the ledger client")?;
+    let client = Client::with_store(
+        store.clone(),
+        quire_stream_table::server::ledger_client_config(args.metadata.clone()),
+    )
+    .await
+    .context("starting the ledger client")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

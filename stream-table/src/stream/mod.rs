@@ -22,8 +22,8 @@
 //!   one. An idle segment is rolled by age only when written again.
 //! - **Readers see confirmed records only:** a sealed segment up to its count, the open one up
 //!   to its LAC. The LAC travels on the next append, so the last record of an idle writer shows
-//!   up when its explicit LAC goes out (`ClientConfig::explicit_lac_interval`) or when its
-//!   segment is sealed. A tailing reader follows rollovers through a watch on the stream key.
+//!   up when its explicit LAC goes out (`ClientConfig::explicit_lac_interval`; servers use
+//!   [`crate::server::ledger_client_config`], about 100 ms) or when its segment is sealed. A tailing reader follows rollovers through a watch on the stream key.
 //! - **Deletion** removes the metadata first, then fences and deletes the ledgers. A writer of
 //!   a deleted stream fails at its next roll at the latest (a bookie takes adds to a ledger it
 //!   no longer knows, so fencing alone does not stop it).
