@@ -815,3 +815,51 @@ async fn a_table_created_again_does_not_inherit_a_deleted_tables_leftovers() {
     r2.put(b("k"), Value::Number(7), None, false).await.unwrap();
     assert_eq!(r2.get(&b("k")).await.unwrap().unwrap().version, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_owner_left_from_a_deleted_table_cannot_checkpoint_into_the_new_one() {
+    let c = Cluster::start(3).await;
+    let t = tables(&c).await;
+    let name = Name::new("ns", "incarnation").unwrap();
+    let pointer = quire_stream_table::layout::checkpoint_key(&name, 0);
+    t.create(&name, one_range()).await.unwrap();
+    let s1 = session(&c).await;
+    let old = t.open_range(&name, 0, &s1, me("s1")).await.unwrap();
+    write_batch(&old, 1, 30).await;
+    // Deleted and created again (by another server) while the old owner still runs.
+    t.delete(&name).await.unwrap();
+    t.create(&name, one_range()).await.unwrap();
+
+    // Its checkpoint does not become the new table's first one ...
+    assert!(
+        matches!(old.checkpoint().await, Err(Error::NoSuchTable(_))),
+        "a checkpoint of the deleted table was published"
+    );
+    assert!(c.store.get(&pointer).await.unwrap().is_none());
+
+    // ... nor replaces the new table's own, although its revision is higher.
+    let s2 = session(&c).await;
+    let new = t.open_range(&name, 0, &s2, me("s2")).await.unwrap();
+    new.put(b("k"), Value::Number(7), None, false)
+        .await
+        .unwrap();
+    let cp = new.checkpoint().await.unwrap();
+    assert!(old.stats().revision > cp.revision);
+    let before = c.store.get(&pointer).await.unwrap().unwrap();
+    assert!(matches!(old.checkpoint().await, Err(Error::NoSuchTable(_))));
+    let after = c.store.get(&pointer).await.unwrap().unwrap();
+    assert_eq!(
+        (after.version, &after.value),
+        (before.version, &before.value)
+    );
+    drop(old);
+    new.close().await.unwrap();
+
+    // The next owner restores the new table only.
+    let s3 = session(&c).await;
+    let next = t.open_range(&name, 0, &s3, me("s3")).await.unwrap();
+    let all = dump(&next).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0].key, b("k"));
+    assert_eq!(all[0].value, Value::Number(7));
+}

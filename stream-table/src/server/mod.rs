@@ -38,8 +38,8 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use quire_ledger_client::ClientConfig;
-use quire_metadata::DynStore;
 use quire_metadata::session::Session;
+use quire_metadata::{DynStore, WatchEvent, WatchTarget};
 use quire_proto::stream::stream_service_server::StreamServiceServer;
 use quire_proto::table::table_service_server::TableServiceServer;
 
@@ -53,7 +53,7 @@ use crate::error::{Error, Result};
 use crate::layout;
 use crate::names::Name;
 use crate::stream::{StreamWriter, Streams, WriterInfo};
-use crate::table::{Range, TableMeta, Tables};
+use crate::table::{Range, TableMeta, Tables, decode_meta};
 
 /// Records of one `Append` stream waiting for acknowledgement.
 pub const APPEND_IN_FLIGHT_MAX: usize = 1024;
@@ -200,6 +200,59 @@ pub(crate) struct Inner {
     ranges: Cache<(Name, u32), Range>,
     metas: Mutex<HashMap<Name, TableMeta>>,
     stopping: AtomicBool,
+    /// The task that drops ranges of tables deleted or created again elsewhere.
+    table_watch: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+/// Pause before watching the tables again after the watch failed or ended.
+const TABLE_WATCH_RETRY: Duration = Duration::from_secs(1);
+
+/// Drops this server's ranges and cached metadata of a table as soon as the metadata store says
+/// it was deleted or created again (by any server). Without it, a range owner elsewhere would
+/// go on serving the old table's state from memory until its next write failed. Ends with the
+/// server.
+async fn watch_tables(inner: std::sync::Weak<Inner>) {
+    loop {
+        let Some(store) = inner.upgrade().map(|i| i.store.clone()) else {
+            return;
+        };
+        match store
+            .watch(WatchTarget::Prefix(layout::TABLES.to_string()))
+            .await
+        {
+            Ok(mut w) => {
+                // Anything that changed while there was no watch.
+                match inner.upgrade() {
+                    Some(i) => i.recheck_tables().await,
+                    None => return,
+                }
+                while let Some(ev) = w.next().await {
+                    let Some(i) = inner.upgrade() else {
+                        return;
+                    };
+                    match ev {
+                        WatchEvent::Delete { key, .. } => {
+                            if let Some(name) = table_of(&key) {
+                                i.forget_other_incarnations(&name, None);
+                            }
+                        }
+                        WatchEvent::Put(kv) => {
+                            if let (Some(name), Ok(m)) = (table_of(&kv.key), decode_meta(&kv)) {
+                                i.forget_other_incarnations(&name, Some(m.created_ms));
+                            }
+                        }
+                        WatchEvent::Resync => i.recheck_tables().await,
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "no watch on the tables; retrying"),
+        }
+        tokio::time::sleep(TABLE_WATCH_RETRY).await;
+    }
+}
+
+fn table_of(key: &str) -> Option<Name> {
+    key.strip_prefix(layout::TABLES)?.parse().ok()
 }
 
 /// A stream/table server. Cheap to clone.
@@ -222,7 +275,7 @@ impl StreamTableServer {
         let streams = Streams::new(store.clone(), client);
         let tables = Tables::new(streams.clone());
         tracing::info!(id = %cfg.id, addr = %cfg.advertised_addr, "stream-table server started");
-        Ok(StreamTableServer {
+        let server = StreamTableServer {
             inner: Arc::new(Inner {
                 writers: Cache::new(cfg.max_open_writers),
                 ranges: Cache::new(cfg.max_open_ranges),
@@ -234,8 +287,12 @@ impl StreamTableServer {
                 renewing: tokio::sync::Mutex::new(()),
                 metas: Mutex::new(HashMap::new()),
                 stopping: AtomicBool::new(false),
+                table_watch: Mutex::new(None),
             }),
-        })
+        };
+        let task = tokio::spawn(watch_tables(Arc::downgrade(&server.inner)));
+        *server.inner.table_watch.lock() = Some(task.abort_handle());
+        Ok(server)
     }
 
     /// The two services, to add to any tonic server.
@@ -255,6 +312,9 @@ impl StreamTableServer {
         let inner = &self.inner;
         if inner.stopping.swap(true, Ordering::AcqRel) {
             return;
+        }
+        if let Some(task) = inner.table_watch.lock().take() {
+            task.abort();
         }
         let t = inner.cfg.op_timeout;
         let writers = inner.writers.drain();
@@ -401,6 +461,64 @@ impl Inner {
                 tokio::spawn(async move {
                     let _ = r.close().await;
                 });
+            }
+        }
+    }
+
+    /// The tables this server holds ranges or metadata of.
+    fn open_tables(&self) -> Vec<Name> {
+        let mut names: Vec<Name> = self.metas.lock().keys().cloned().collect();
+        names.extend(self.ranges.slots.lock().keys().map(|(n, _)| n.clone()));
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The creation times of the table incarnations this server holds ranges or metadata of.
+    fn held_incarnations(&self, name: &Name) -> Vec<u64> {
+        let mut held: Vec<u64> = self
+            .metas
+            .lock()
+            .get(name)
+            .map(|m| m.created_ms)
+            .into_iter()
+            .collect();
+        let slots: Vec<_> = self
+            .ranges
+            .slots
+            .lock()
+            .iter()
+            .filter(|((n, _), _)| n == name)
+            .map(|(_, slot)| slot.clone())
+            .collect();
+        for slot in slots {
+            // A slot in use is being opened (with the current metadata) or read: skip it.
+            if let Ok(g) = slot.try_lock()
+                && let Some(r) = g.as_ref()
+            {
+                held.push(r.meta().created_ms);
+            }
+        }
+        held
+    }
+
+    /// Forgets a table's ranges and metadata unless all of them belong to the incarnation
+    /// created at `current` (`None`: the table is gone).
+    fn forget_other_incarnations(&self, name: &Name, current: Option<u64>) {
+        let held = self.held_incarnations(name);
+        if held.iter().any(|c| Some(*c) != current) {
+            tracing::info!(table = %name, "table deleted or created again elsewhere; dropping its ranges");
+            self.forget_table(name);
+        }
+    }
+
+    /// Checks every open table against the metadata store (after a gap in the table watch).
+    async fn recheck_tables(&self) {
+        for name in self.open_tables() {
+            match self.tables.info(&name).await {
+                Ok(m) => self.forget_other_incarnations(&name, Some(m.created_ms)),
+                Err(Error::NoSuchTable(_)) => self.forget_other_incarnations(&name, None),
+                Err(e) => tracing::debug!(table = %name, error = %e, "table not checked"),
             }
         }
     }

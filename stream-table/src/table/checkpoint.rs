@@ -50,6 +50,11 @@ pub struct Checkpoint {
     pub bytes: u64,
     /// Milliseconds since the Unix epoch.
     pub created_ms: u64,
+    /// The table incarnation the snapshot is of: its `TableMeta::created_ms` (0 in pointers
+    /// written before it was recorded). A table deleted and created again under the same name is
+    /// another incarnation, and never takes a checkpoint of the old one.
+    #[serde(default)]
+    pub table_created_ms: u64,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -81,6 +86,7 @@ pub async fn write_ledger(
     range: u32,
     snapshot: &Store,
     offset: u64,
+    table_created_ms: u64,
 ) -> Result<Checkpoint> {
     let mut custom = BTreeMap::new();
     custom.insert("quire.table".to_string(), table.path());
@@ -134,6 +140,7 @@ pub async fn write_ledger(
         keys: snapshot.keys(),
         bytes: snapshot.bytes(),
         created_ms: now_ms(),
+        table_created_ms,
     })
 }
 
@@ -152,24 +159,42 @@ pub async fn publish(
     range: u32,
     cp: &Checkpoint,
 ) -> Result<(Checkpoint, Option<u64>)> {
+    // Only while the checkpoint's table incarnation exists: an owner left over from a deleted
+    // table must not leave a pointer that a table created again under the same name would pick
+    // up, nor replace that table's own.
+    check_incarnation(store, table, cp.table_created_ms).await?;
     let key = layout::checkpoint_key(table, range);
     let value = meta_layout::encode(POINTER_MAGIC, POINTER_VERSION, cp);
     match read_pointer(store, table, range).await? {
-        Some((cur, _)) if cur.revision > cp.revision || cur.offset > cp.offset => Ok((cur, None)),
+        Some((cur, _))
+            if cur.table_created_ms == cp.table_created_ms
+                && (cur.revision > cp.revision || cur.offset > cp.offset) =>
+        {
+            Ok((cur, None))
+        }
+        // Older, or left over from another incarnation (whatever its revision).
         Some((cur, version)) => {
             store.compare_and_set(&key, value, version).await?;
             Ok((cp.clone(), (cur.ledger != cp.ledger).then_some(cur.ledger)))
         }
         None => {
-            // A first pointer only for a table that still exists: an owner left over from a
-            // deleted table must not leave a pointer that a table created again under the same
-            // name would pick up.
-            if store.get(&layout::table_key(table)).await?.is_none() {
-                return Err(Error::NoSuchTable(table.to_string()));
-            }
             store.create(&key, value, None).await?;
             Ok((cp.clone(), None))
         }
+    }
+}
+
+/// Refuses with `NoSuchTable` unless the table exists as the incarnation created at
+/// `created_ms`.
+async fn check_incarnation(store: &DynStore, table: &Name, created_ms: u64) -> Result<()> {
+    let gone = || {
+        Error::NoSuchTable(format!(
+            "{table} (the incarnation created at {created_ms} ms)"
+        ))
+    };
+    match store.get(&layout::table_key(table)).await? {
+        Some(kv) if super::decode_meta(&kv)?.created_ms == created_ms => Ok(()),
+        _ => Err(gone()),
     }
 }
 

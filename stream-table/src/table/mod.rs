@@ -149,6 +149,12 @@ pub struct TableMeta {
     pub created_ms: u64,
 }
 
+/// A table's record as the metadata store holds it.
+pub fn decode_meta(kv: &quire_metadata::KeyValue) -> Result<TableMeta> {
+    meta_layout::decode(META_MAGIC, META_VERSION, &kv.key, &kv.value)
+        .map_err(|e| Error::Corrupt(e.to_string()))
+}
+
 /// Creates, inspects and deletes tables, and opens their ranges. Cheap to clone.
 #[derive(Clone)]
 pub struct Tables {
@@ -261,8 +267,7 @@ impl Tables {
             .get(&key)
             .await?
             .ok_or_else(|| Error::NoSuchTable(name.to_string()))?;
-        meta_layout::decode(META_MAGIC, META_VERSION, &key, &kv.value)
-            .map_err(|e| Error::Corrupt(e.to_string()))
+        decode_meta(&kv)
     }
 
     /// The tables of `namespace`, in name order.

@@ -164,7 +164,7 @@ impl Range {
             .streams()
             .open_writer(&changelog, &session, me)
             .await?;
-        let restored = restore(&tables, &table, range, &changelog, &writer).await;
+        let restored = restore(&tables, &meta, range, &changelog, &writer).await;
         let (store, offset, cp) = match restored {
             Ok(r) => r,
             Err(e) => {
@@ -449,13 +449,23 @@ fn unexpected(o: Outcome) -> Error {
 /// the first offset not applied and the checkpoint.
 async fn restore(
     tables: &Tables,
-    table: &Name,
+    meta: &TableMeta,
     range: u32,
     changelog: &Name,
     writer: &StreamWriter,
 ) -> Result<(Store, u64, Option<Checkpoint>)> {
+    let table = &meta.name;
     let pointer = checkpoint::read_pointer(tables.store(), table, range).await?;
     let (mut store, mut from, cp) = match pointer {
+        // Publishing checks the incarnation, and creating a table removes the pointers left
+        // over from a deleted one; a pointer of another incarnation means those were raced.
+        Some((cp, _)) if cp.table_created_ms != 0 && cp.table_created_ms != meta.created_ms => {
+            return Err(Error::Corrupt(format!(
+                "the checkpoint pointer of {table} range {range} belongs to the table of that name \
+                 created at {} ms, not to this one (created at {} ms)",
+                cp.table_created_ms, meta.created_ms
+            )));
+        }
         Some((cp, _)) => {
             let store = checkpoint::load(tables.client(), table, range, &cp).await?;
             (store, cp.offset, Some(cp))
@@ -745,6 +755,7 @@ async fn run_checkpoint(inner: &Inner) -> Result<Checkpoint> {
             inner.range,
             &snapshot,
             offset,
+            inner.meta.created_ms,
         )
         .await?;
         drop(snapshot);
