@@ -217,7 +217,12 @@ impl MetadataStore for RemoteStore {
         let (tx, rx) = watch_channel();
         tokio::spawn(async move {
             loop {
-                match stream.message().await {
+                let msg = tokio::select! {
+                    m = stream.message() => m,
+                    // The watcher is gone: end the server's stream now, not at the next event.
+                    _ = tx.closed() => return,
+                };
+                match msg {
                     Ok(Some(msg)) => {
                         for ev in msg.events.into_iter().filter_map(event_from_pb) {
                             if !tx.send(ev) {

@@ -302,6 +302,11 @@ impl WatchSender {
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }
+
+    /// Resolves once the watcher has dropped its `Watch`.
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
 }
 
 impl Watch {

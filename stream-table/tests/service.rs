@@ -1,7 +1,7 @@
 //! The gRPC services through the Rust client, against an in-process cluster (embedded metadata
 //! store on loopback, three real bookies) and stream-table servers on loopback ports: streams
-//! and tables end to end, typed errors for bad input, redirects between two servers, and
-//! concurrent increments.
+//! and tables end to end, typed errors for bad input, redirects between two servers,
+//! concurrent increments, and a table dropped and created again while another server owns it.
 
 use std::time::Duration;
 
@@ -324,6 +324,54 @@ async fn two_servers_redirect_and_increments_sum_exactly() {
     );
     let info = s.info().await.unwrap();
     assert_eq!(info.writer.map(|w| w.id), Some("st-b".to_string()));
+    a.stop().await;
+    bsrv.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_dropped_and_created_again_elsewhere_is_not_served_from_the_old_state() {
+    let c = Cluster::start(3).await;
+    let a = Server::start(&c, "st-a").await;
+    let bsrv = Server::start(&c, "st-b").await;
+    let via_a = Client::connect(vec![a.addr.clone()]).await.unwrap();
+    let via_b = Client::connect(vec![bsrv.addr.clone()]).await.unwrap();
+    let one = TableConfig {
+        ranges: 1,
+        ..Default::default()
+    };
+    let name = n("app/again");
+    via_a.table(name.clone()).create(one.clone()).await.unwrap();
+    via_a
+        .table(name.clone())
+        .put("k", Value::Bytes(b("old")))
+        .await
+        .unwrap();
+    // A owns the range and holds its state in memory; B drops the table and creates it again.
+    via_b.table(name.clone()).delete_table().await.unwrap();
+    via_b.table(name.clone()).create(one).await.unwrap();
+
+    // A learns of it from its watch on the tables and stops serving the old state.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match via_a.table(name.clone()).get("k").await {
+            Ok(None) => break,
+            Ok(Some(kv)) => assert!(
+                std::time::Instant::now() < deadline,
+                "A still serves the dropped table's {kv:?}"
+            ),
+            Err(e) => assert!(e.is_retryable(), "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    via_a
+        .table(name.clone())
+        .put("k", Value::Bytes(b("new")))
+        .await
+        .unwrap();
+    let kv = via_b.table(name.clone()).get("k").await.unwrap().unwrap();
+    assert_eq!(kv.value, Value::Bytes(b("new")));
+    assert_eq!(kv.version, 1);
     a.stop().await;
     bsrv.stop().await;
     c.stop().await;
