@@ -231,9 +231,10 @@ async fn watch_tables(inner: std::sync::Weak<Inner>) {
                         return;
                     };
                     match ev {
+                        // Nothing of a deleted table is valid, whatever a busy slot holds.
                         WatchEvent::Delete { key, .. } => {
                             if let Some(name) = table_of(&key) {
-                                i.forget_other_incarnations(&name, None);
+                                i.forget_table(&name);
                             }
                         }
                         WatchEvent::Put(kv) => {
