@@ -239,7 +239,7 @@ async fn watch_tables(inner: std::sync::Weak<Inner>) {
                         }
                         WatchEvent::Put(kv) => {
                             if let (Some(name), Ok(m)) = (table_of(&kv.key), decode_meta(&kv)) {
-                                i.forget_other_incarnations(&name, Some(m.created_ms));
+                                i.forget_other_incarnations(&name, m.created_ms);
                             }
                         }
                         WatchEvent::Resync => i.recheck_tables().await,
@@ -504,10 +504,10 @@ impl Inner {
     }
 
     /// Forgets a table's ranges and metadata unless all of them belong to the incarnation
-    /// created at `current` (`None`: the table is gone).
-    fn forget_other_incarnations(&self, name: &Name, current: Option<u64>) {
+    /// created at `current`.
+    fn forget_other_incarnations(&self, name: &Name, current: u64) {
         let held = self.held_incarnations(name);
-        if held.iter().any(|c| Some(*c) != current) {
+        if held.iter().any(|c| *c != current) {
             tracing::info!(table = %name, "table deleted or created again elsewhere; dropping its ranges");
             self.forget_table(name);
         }
@@ -517,8 +517,8 @@ impl Inner {
     async fn recheck_tables(&self) {
         for name in self.open_tables() {
             match self.tables.info(&name).await {
-                Ok(m) => self.forget_other_incarnations(&name, Some(m.created_ms)),
-                Err(Error::NoSuchTable(_)) => self.forget_other_incarnations(&name, None),
+                Ok(m) => self.forget_other_incarnations(&name, m.created_ms),
+                Err(Error::NoSuchTable(_)) => self.forget_table(&name),
                 Err(e) => tracing::debug!(table = %name, error = %e, "table not checked"),
             }
         }
