@@ -53,7 +53,7 @@ use crate::error::{Error, Result};
 use crate::layout;
 use crate::names::Name;
 use crate::stream::{StreamWriter, Streams, WriterInfo};
-use crate::table::{Range, TableMeta, Tables, decode_meta};
+use crate::table::{Range, TableMeta, Tables};
 
 /// Records of one `Append` stream waiting for acknowledgement.
 pub const APPEND_IN_FLIGHT_MAX: usize = 1024;
@@ -237,11 +237,8 @@ async fn watch_tables(inner: std::sync::Weak<Inner>) {
                                 i.forget_table(&name);
                             }
                         }
-                        WatchEvent::Put(kv) => {
-                            if let (Some(name), Ok(m)) = (table_of(&kv.key), decode_meta(&kv)) {
-                                i.forget_other_incarnations(&name, m.created_ms);
-                            }
-                        }
+                        // A creation follows a delete this watch saw, or a gap (`Resync`).
+                        WatchEvent::Put(_) => {}
                         WatchEvent::Resync => i.recheck_tables().await,
                     }
                 }

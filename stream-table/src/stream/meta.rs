@@ -357,7 +357,10 @@ fn check_shape(key: &str, m: &StreamMeta) -> Result<()> {
     }
     let mut prev_seq: Option<u64> = None;
     for (i, s) in m.segments.iter().enumerate() {
-        if s.start_offset != expected_start || s.seq >= OFFSET_LIMIT {
+        if s.seq >= OFFSET_LIMIT {
+            return bad(format!("segment number {} is past {OFFSET_LIMIT}", s.seq));
+        }
+        if s.start_offset != expected_start {
             return bad(format!(
                 "segment {} starts at {}, expected {expected_start}",
                 s.seq, s.start_offset

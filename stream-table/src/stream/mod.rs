@@ -10,8 +10,10 @@
 //!   new writer *recovers* the last open segment (fencing its ledger: the old writer can add no
 //!   more) and seals it in the metadata with the recovered count before it adds a segment of its
 //!   own. Every segment-list change checks that the list is still the one its writer left; if
-//!   not, the writer was replaced and stops with [`Error::Fenced`]. So every record a writer saw
-//!   acknowledged stays in the stream, in order, exactly once.
+//!   not, the writer was replaced and stops with [`Error::Fenced`]. A new writer also bumps the
+//!   stream's writer epoch before it recovers anything, and every segment-list change requires
+//!   the writer's own epoch, so a replaced writer cannot roll under its successor. So every
+//!   record a writer saw acknowledged stays in the stream, in order, exactly once.
 //! - **A fresh segment per writer.** A takeover never appends to the recovered ledger (a ledger
 //!   has one writer for life). When the recovered segment is empty, the new segment replaces it
 //!   (same `seq`, same start) and its ledger is deleted, so that writers that open and fail
@@ -23,7 +25,8 @@
 //! - **Readers see confirmed records only:** a sealed segment up to its count, the open one up
 //!   to its LAC. The LAC travels on the next append, so the last record of an idle writer shows
 //!   up when its explicit LAC goes out (`ClientConfig::explicit_lac_interval`; servers use
-//!   [`crate::server::ledger_client_config`], about 100 ms) or when its segment is sealed. A tailing reader follows rollovers through a watch on the stream key.
+//!   [`crate::server::ledger_client_config`], about 100 ms) or when its segment is sealed. A
+//!   tailing reader follows rollovers through a watch on the stream key.
 //! - **Deletion** removes the metadata first, then fences and deletes the ledgers. A writer of
 //!   a deleted stream fails at its next roll at the latest (a bookie takes adds to a ledger it
 //!   no longer knows, so fencing alone does not stop it).

@@ -2,9 +2,10 @@
 //!
 //! Opening: take the lease (an ephemeral key under the caller's session, re-entrant for the
 //! same session), claim the stream by bumping its writer epoch (from then on the old writer's
-//! segment-list changes are refused, even if it has not noticed its lease is gone), recover the last segment if it is open (this fences its old writer), create a
-//! ledger for a new segment, and add it by one CAS that also seals the recovered segment with its
-//! count. The writer is then positioned at the new segment's start.
+//! segment-list changes are refused, even if it has not noticed its lease is gone), recover the
+//! last segment if it is open (this fences its old writer), create a ledger for a new segment,
+//! and add it by one CAS that also seals the recovered segment with its count (or replaces it
+//! when it is empty). The writer is then positioned at the new segment's start.
 //!
 //! Appending: the current segment sits behind an async mutex. An append takes it, rolls the
 //! segment if it is full or old, hands the payload to the segment's ledger writer (which waits
@@ -37,8 +38,6 @@ use crate::names::Name;
 
 /// Attempts at taking the lease when its key vanishes between a create and a read.
 const LEASE_ATTEMPTS: u32 = 8;
-/// Takeovers started again because the old writer rolled meanwhile.
-const TAKEOVER_ATTEMPTS: u32 = 5;
 const LEASE_RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// After a failed attempt at creating the next segment, the current one takes appends past its
 /// limits for this long before the next attempt.
@@ -128,19 +127,9 @@ pub(super) async fn open(
     .await?;
     let epoch = claimed.writer_epoch;
 
-    let mut attempt = 0;
-    let (m, writer, seq) = loop {
-        attempt += 1;
-        match take_over(&store, &client, name, epoch).await {
-            Ok(r) => break r,
-            // The segment list changed between our read and our CAS (the old writer's roll
-            // was under way as we claimed the stream): recover its new segment now.
-            Err(Error::Fenced(why)) if attempt < TAKEOVER_ATTEMPTS => {
-                tracing::info!(stream = %name, why, "segment list changed during takeover; again");
-            }
-            Err(e) => return Err(e),
-        }
-    };
+    // Once claimed, only this writer (or a newer one, which fences it) changes the segment
+    // list, so the takeover needs no retry.
+    let (m, writer, seq) = take_over(&store, &client, name, epoch).await?;
     let id = writer.id();
     let start_offset = match m.segments.last() {
         Some(s) if s.ledger == id => s.start_offset,
@@ -188,6 +177,7 @@ async fn take_over(
     epoch: u64,
 ) -> Result<(meta::StreamMeta, LedgerWriter, u64)> {
     let (m, _) = meta::load(store, name).await?;
+    // A newer writer claimed the stream: recovering now would fence its segment.
     if m.writer_epoch != epoch {
         return Err(fenced(name, "another writer took over"));
     }

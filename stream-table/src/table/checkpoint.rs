@@ -187,14 +187,11 @@ pub async fn publish(
 /// Refuses with `NoSuchTable` unless the table exists as the incarnation created at
 /// `created_ms`.
 async fn check_incarnation(store: &DynStore, table: &Name, created_ms: u64) -> Result<()> {
-    let gone = || {
-        Error::NoSuchTable(format!(
-            "{table} (the incarnation created at {created_ms} ms)"
-        ))
-    };
     match store.get(&layout::table_key(table)).await? {
         Some(kv) if super::decode_meta(&kv)?.created_ms == created_ms => Ok(()),
-        _ => Err(gone()),
+        _ => Err(Error::NoSuchTable(format!(
+            "{table} (the incarnation created at {created_ms} ms)"
+        ))),
     }
 }
 

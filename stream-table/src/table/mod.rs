@@ -150,7 +150,7 @@ pub struct TableMeta {
 }
 
 /// A table's record as the metadata store holds it.
-pub fn decode_meta(kv: &quire_metadata::KeyValue) -> Result<TableMeta> {
+pub(crate) fn decode_meta(kv: &quire_metadata::KeyValue) -> Result<TableMeta> {
     meta_layout::decode(META_MAGIC, META_VERSION, &kv.key, &kv.value)
         .map_err(|e| Error::Corrupt(e.to_string()))
 }
